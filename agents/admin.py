@@ -1,0 +1,215 @@
+"""Operators' admin for providers, models (deployments, price history) and agents (with a debug page)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from agents.models import Agent, Deployment, LLMModel, Provider
+from usage.models import AdminDebugLog, ModelPrice
+
+
+class ProviderForm(forms.ModelForm):
+    """The stored key is never rendered back: a write-only field that keeps the old key when left empty."""
+
+    new_api_key = forms.CharField(
+        label="New API key", required=False, strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave empty to keep the stored key.",
+    )
+    clear_api_key = forms.BooleanField(label="Remove the stored key", required=False)
+    base_url = forms.URLField(max_length=500, required=False, assume_scheme="https",
+                              widget=forms.URLInput(attrs={"size": 60}),
+                              help_text="OpenAI-compatible base URL, e.g. https://api.example.com/v1")
+
+    class Meta:
+        model = Provider
+        fields = ["name", "kind", "base_url", "enabled", "weight", "rpm", "tpm", "max_concurrency", "timeout",
+                  "max_retries", "breaker_failure_threshold", "breaker_recovery_seconds"]  # never api_key itself
+
+    def save(self, commit: bool = True) -> Provider:
+        provider = super().save(commit=False)
+        if self.cleaned_data.get("new_api_key"):
+            provider.api_key = self.cleaned_data["new_api_key"]
+        elif self.cleaned_data.get("clear_api_key"):
+            provider.api_key = ""
+        if commit:
+            provider.save()
+        return provider
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    form = ProviderForm
+    list_display = ["name", "kind", "base_url", "api_key_display", "weight", "enabled", "rpm", "tpm", "timeout"]
+    list_filter = ["kind", "enabled"]
+    search_fields = ["name", "base_url"]
+    readonly_fields = ["api_key_display", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "kind", "base_url", "enabled", "weight"]}),
+        ("Credentials", {"fields": ["api_key_display", "new_api_key", "clear_api_key"]}),
+        ("Limits", {"fields": ["rpm", "tpm", "max_concurrency", "timeout", "max_retries"]}),
+        ("Circuit breaker", {"fields": ["breaker_failure_threshold", "breaker_recovery_seconds"]}),
+        ("History", {"fields": ["created_at", "updated_at"]}),
+    ]
+
+    @admin.display(description="stored key")
+    def api_key_display(self, obj: Provider) -> str:
+        return obj.masked_api_key or "—"
+
+
+class DeploymentInline(admin.TabularInline):
+    model = Deployment
+    extra = 0
+    fields = ["provider", "upstream_model", "weight", "enabled", "health_status", "last_check_at", "last_latency_ms",
+              "last_error"]
+    readonly_fields = ["health_status", "last_check_at", "last_latency_ms", "last_error"]
+    autocomplete_fields = ["provider"]
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).select_related("model", "provider")
+
+
+class ModelPriceForm(forms.ModelForm):
+    class Meta:
+        model = ModelPrice
+        fields = ["input_per_million", "cached_input_per_million", "output_per_million", "effective_from"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # "From now" unless told otherwise; the hidden initial keeps an untouched blank row from counting as a change.
+        self.fields["effective_from"].initial = timezone.now
+        self.fields["effective_from"].show_hidden_initial = True
+
+
+class ModelPriceInline(admin.TabularInline):
+    """Price history: past rows are read-only; a price change is a new row from its effective time on."""
+
+    model = ModelPrice
+    form = ModelPriceForm
+    extra = 1
+    can_delete = False
+    verbose_name = "price (per million tokens)"
+    verbose_name_plural = "prices (per million tokens); to change a price add a row"
+    fields = ["input_per_million", "cached_input_per_million", "output_per_million", "effective_from", "created_at"]
+    readonly_fields = ["created_at"]
+    ordering = ["-effective_from"]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # a past price priced past calls: it stays
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_active and request.user.is_staff
+
+
+@admin.register(LLMModel)
+class LLMModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "strategy", "deployment_count", "current_price", "context_window", "enabled"]
+    list_filter = ["enabled", "strategy"]
+    search_fields = ["name"]
+    inlines = [DeploymentInline, ModelPriceInline]
+
+    class Media:
+        css = {"all": ["css/admin-extra.css"]}
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).prefetch_related("deployments", "prices")
+
+    @admin.display(description="deployments")
+    def deployment_count(self, obj: LLMModel) -> int:
+        return len(obj.deployments.all())
+
+    @admin.display(description="price in / out per M")
+    def current_price(self, obj: LLMModel) -> str:
+        now = timezone.now()
+        current = next((p for p in obj.prices.all() if p.effective_from <= now), None)  # ordered newest first
+        if current is None:
+            return "—"
+        return f"{current.input_per_million.normalize():f} / {current.output_per_million.normalize():f}"
+
+
+class DebugForm(forms.Form):
+    ACTIONS = [("route", "Route test"), ("preview", "Prompt preview"), ("run", "Execution test")]
+
+    action = forms.ChoiceField(choices=ACTIONS, widget=forms.RadioSelect, initial="run")
+    message = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 80}), required=False,
+        initial="Say hello in one short sentence.",
+        help_text="The user message for prompt preview and execution test. Execution tests are logged with their "
+                  "cost and never charged to anyone.",
+    )
+
+
+def _run_debug(action: str, *, agent: Agent, staff_user: Any, content: str) -> AdminDebugLog:
+    """Calls usage.debug (owned by the usage app); each returns the AdminDebugLog it wrote."""
+    from usage import debug
+
+    fn = {"route": debug.route_test, "preview": debug.prompt_preview, "run": debug.execution_test}[action]
+    kwargs: dict[str, Any] = {"agent": agent, "staff_user": staff_user}
+    if action != "route":
+        kwargs["messages"] = [{"role": "user", "content": content}]
+    if inspect.iscoroutinefunction(fn):
+        return async_to_sync(fn)(**kwargs)
+    return fn(**kwargs)
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    list_display = ["slug", "name", "model", "fallback_model", "temperature", "timeout_seconds", "enabled",
+                    "debug_link"]
+    list_filter = ["enabled", "model"]
+    list_select_related = ["model", "fallback_model"]
+    search_fields = ["slug", "name"]
+    prepopulated_fields = {"slug": ["name"]}
+    autocomplete_fields = ["model", "fallback_model"]
+
+    @admin.display(description="debug")
+    def debug_link(self, obj: Agent) -> str:
+        return format_html('<a href="{}">debug</a>', reverse("admin:agents_agent_debug", args=[obj.pk]))
+
+    def get_urls(self):
+        custom = [path("<int:pk>/debug/", self.admin_site.admin_view(self.debug_view), name="agents_agent_debug")]
+        return custom + super().get_urls()
+
+    def debug_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        agent = get_object_or_404(Agent.objects.select_related("model", "fallback_model"), pk=pk)
+        if not self.has_change_permission(request, agent):
+            raise PermissionDenied
+        log = None
+        form = DebugForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                log = _run_debug(form.cleaned_data["action"], agent=agent, staff_user=request.user,
+                                 content=form.cleaned_data["message"])
+            except ImportError:
+                messages.error(request, "The debug tools (usage.debug) are not installed.")
+            except Exception as exc:  # noqa: BLE001 - an operator's test run shows any failure instead of a 500
+                messages.error(request, f"The test failed: {exc}")
+        recent = (AdminDebugLog.objects.filter(agent=agent).select_related("staff_user")
+                  .order_by("-created_at")[:10])
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Debug {agent.name}",
+            "agent": agent,
+            "form": form,
+            "log": log,
+            "log_result": json.dumps(log.result, indent=2, ensure_ascii=False, default=str) if log else "",
+            "recent": recent,
+        }
+        return TemplateResponse(request, "admin/agents/agent/debug.html", context)

@@ -1,0 +1,140 @@
+"""Data passed across the AI service layer's boundary. Shared contract: change with care."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TokenSource = Literal["measured", "estimated", "partial"]
+
+
+@dataclass
+class ChatRequest:
+    """What a caller asks for. `model` is a public model name (agents.LLMModel.name)."""
+
+    model: str
+    messages: list[dict[str, Any]]  # OpenAI format: {"role": ..., "content": str}
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | str | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    # Timeout for the primary model: to first token for streams, in total for whole replies.
+    timeout: float | None = None
+    fallback_model: str | None = None
+    # None = cache only deterministic requests (temperature 0); True/False forces it.
+    cache: bool | None = None
+    # Sent to OpenAI-compatible upstreams as extra body fields (e.g. {"seed": 1}); part of the cache key.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    source: TokenSource = "measured"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def estimated(self) -> bool:
+        return self.source != "measured"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+        }
+
+
+@dataclass
+class Attempt:
+    provider: str
+    deployment_id: int | None
+    upstream_model: str
+    model: str
+    ok: bool
+    error_code: str = ""
+    latency_ms: int = 0
+
+
+@dataclass
+class ChatResult:
+    """The outcome of a call: always carries usage, even for a failed or cut-off one."""
+
+    content: str
+    usage: Usage
+    model: str  # public model name that served the reply (the fallback's when fallback=True)
+    provider: str = ""
+    deployment_id: int | None = None
+    upstream_model: str = ""
+    finish_reason: str | None = "stop"
+    latency_ms: int = 0
+    ttft_ms: int | None = None
+    cache_hit: bool = False
+    fallback: bool = False
+    fallback_reason: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass
+class TextDelta:
+    """One piece of streamed text. The last item of a stream is a ChatResult, never a TextDelta."""
+
+    content: str
+
+
+class LLMError(Exception):
+    """A call that failed for good. `partial` holds what arrived before the failure, with usage."""
+
+    code = "llm_error"
+    http_status = 502
+    retryable = True
+
+    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None,
+                 retryable: bool | None = None, partial: ChatResult | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        if http_status:
+            self.http_status = http_status
+        if retryable is not None:
+            self.retryable = retryable
+        self.partial = partial
+        self.retry_after = retry_after
+
+
+class UpstreamTimeout(LLMError):
+    code = "upstream_timeout"
+    http_status = 504
+
+
+class RateLimited(LLMError):
+    code = "rate_limited"
+    http_status = 429
+
+
+class BadUpstreamRequest(LLMError):
+    """The upstream refused the request itself (4xx): never retried."""
+
+    code = "bad_request"
+    http_status = 400
+    retryable = False
+
+
+class ModelNotFound(LLMError):
+    code = "model_not_found"
+    http_status = 404
+    retryable = False
+
+
+class NoHealthyDeployment(LLMError):
+    code = "no_healthy_deployment"
+    http_status = 503

@@ -1,0 +1,11 @@
+from django.urls import path
+
+from agents.openai_compat import views
+
+app_name = "openai"
+
+urlpatterns = [
+    path("chat/completions", views.chat_completions, name="chat-completions"),
+    path("models", views.list_models, name="models"),
+    path("models/<path:model_id>", views.retrieve_model, name="model"),
+]

@@ -1,0 +1,127 @@
+"""Reads for the AI service layer: prices in force, deployment health, service metrics (API and admin dashboard)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Prefetch, QuerySet, Sum
+from django.utils import timezone
+
+from agents.llm import breaker, cache, health, metrics
+from agents.models import Agent, Deployment, LLMModel, Provider
+from usage.models import ModelPrice, UsageRecord
+
+
+def current_price(model: LLMModel | int, *, at: datetime | None = None) -> ModelPrice | None:
+    """The price row in force at `at` (default now): the latest with effective_from <= at."""
+    model_id = model if isinstance(model, int) else model.pk
+    return (ModelPrice.objects.filter(model_id=model_id, effective_from__lte=at or timezone.now())
+            .order_by("-effective_from", "-id").first())
+
+
+def provider_list() -> QuerySet[Provider]:
+    return Provider.objects.all()
+
+
+def model_list() -> QuerySet[LLMModel]:
+    """Models with their deployments and price rows in force, prefetched (see `prefetched_price`)."""
+    prices = ModelPrice.objects.filter(effective_from__lte=timezone.now()).order_by("-effective_from", "-id")
+    return LLMModel.objects.prefetch_related(
+        Prefetch("deployments", queryset=Deployment.objects.select_related("provider").order_by("id")),
+        Prefetch("prices", queryset=prices, to_attr="prices_in_force"),
+    )
+
+
+def prefetched_price(model: LLMModel) -> ModelPrice | None:
+    rows = getattr(model, "prices_in_force", None)
+    if rows is None:
+        return current_price(model)
+    return rows[0] if rows else None
+
+
+def agent_list() -> QuerySet[Agent]:
+    return Agent.objects.select_related("model", "fallback_model")
+
+
+def deployment_health() -> list[dict[str, Any]]:
+    """One row per deployment: live status (traffic, breaker, probe), latency, error rate, last check.
+
+    Live traffic health and breakers are per process (this one); probe results come from the database.
+    """
+    rows = []
+    for d in Deployment.objects.select_related("model", "provider").order_by("model__name", "id"):
+        window = health.window(d.pk)
+        live_at = (datetime.fromtimestamp(window.last_at, tz=timezone.get_current_timezone())
+                   if window and window.last_at else None)
+        last_check = max((t for t in (live_at, d.last_check_at) if t is not None), default=None)
+        active = d.enabled and d.provider.enabled and d.model.enabled
+        latency = window.latency_ms if window and window.latency_ms is not None else d.last_latency_ms
+        status = health.status(d.pk, d.health_status) if active else "disabled"
+        breaker_state = breaker.state_of(d.pk)
+        rows.append({
+            "deployment_id": d.pk, "model": d.model.name, "provider": d.provider.name,
+            "upstream_model": d.upstream_model, "enabled": active, "status": status,
+            "breaker_state": breaker_state,
+            # Aliases read by the admin dashboard and the Prometheus collector.
+            "breaker": breaker_state, "state": breaker_state,
+            "healthy": active and status != health.UNHEALTHY and breaker_state != breaker.OPEN,
+            "response_time_ms": latency,
+            "error_rate": round(window.error_rate, 4) if window else 0.0,
+            "recent_calls": len(window.calls) if window else 0,
+            "last_error": (window.last_error if window and window.last_error else d.last_error),
+            "last_check": last_check.isoformat() if last_check else None,
+            "probe_status": d.health_status,
+        })
+    return rows
+
+
+def service_health() -> dict[str, Any]:
+    """Overall status: unhealthy if an enabled model has no usable deployment, degraded if any is not healthy."""
+    rows = deployment_health()
+    by_model: dict[str, list[str]] = {}
+    for row in rows:
+        if row["enabled"]:
+            by_model.setdefault(row["model"], []).append(row["status"])
+    overall = "healthy"
+    for statuses in by_model.values():
+        if all(s == health.UNHEALTHY for s in statuses):
+            overall = "unhealthy"
+            break
+        if any(s in (health.UNHEALTHY, health.DEGRADED) for s in statuses):
+            overall = "degraded"
+    return {"status": overall, "checked_at": timezone.now().isoformat(), "deployments": rows}
+
+
+def _money(value: Decimal | None) -> str:
+    return format((value or Decimal("0")).normalize(), "f")
+
+
+def service_metrics(start: datetime | None = None, end: datetime | None = None) -> dict[str, Any]:
+    """Per deployment and per model metrics over [start, end] (default: the last hour), with cost from usage."""
+    snap = metrics.snapshot(start, end)
+    start_at, end_at = datetime.fromisoformat(snap["start"]), datetime.fromisoformat(snap["end"])
+    records = UsageRecord.objects.filter(created_at__gte=start_at, created_at__lt=end_at)
+    costs = {(r["provider"], r["model"], r["upstream_model"]): r["cost"]
+             for r in records.values("provider", "model", "upstream_model").annotate(cost=Sum("cost"))}
+    model_costs: dict[str, Decimal] = {}
+    for (_, model, _), cost in costs.items():
+        model_costs[model] = model_costs.get(model, Decimal("0")) + (cost or Decimal("0"))
+    for row in snap["deployments"]:
+        row["cost"] = _money(costs.get((row.get("provider"), row.get("model"), row.get("upstream_model"))))
+    for row in snap["models"]:
+        row["cost"] = _money(model_costs.get(row["model"]))
+    summary = snap["summary"]
+    snap["summary"] = {
+        "total_requests": summary["requests"], "successes": summary["successes"], "errors": summary["errors"],
+        "error_rate": summary["error_rate"], "average_latency_ms": summary["avg_latency_ms"],
+        "p50_latency_ms": summary["p50_latency_ms"], "p95_latency_ms": summary["p95_latency_ms"],
+        "p99_latency_ms": summary["p99_latency_ms"], "average_ttft_ms": summary["avg_ttft_ms"],
+        "prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"],
+        "total_tokens": summary["total_tokens"], "cache_hits": summary["cache_hits"],
+        "cache_misses": summary["cache_misses"], "cache_hit_rate": summary["cache_hit_rate"],
+        "total_cost": _money(records.aggregate(total=Sum("cost"))["total"]),
+    }
+    snap["cache"] = cache.response_cache.stats()
+    return snap

@@ -1,0 +1,1 @@
+"""Writer endpoints under /api/ai/: generate text, suggest topics, optimize content (metered as "writer")."""

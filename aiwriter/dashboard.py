@@ -1,0 +1,144 @@
+"""The operators' dashboard in the admin: traffic, tokens, cost and errors over time, top spenders,
+cache hit rate, deployment health. Charts are SVG drawn here, server-side (aiwriter.charts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.db.models import Count, Q, Sum
+from django.db.models.functions import Coalesce, TruncDay, TruncHour
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from agents.selectors import deployment_health
+from aiwriter import charts
+from usage.models import UsageRecord
+
+RANGES = {"1": ("Last 24 hours", timedelta(hours=24)), "7": ("Last 7 days", timedelta(days=7)),
+          "30": ("Last 30 days", timedelta(days=30)), "90": ("Last 90 days", timedelta(days=90))}
+TOP_N = 8
+
+
+@dataclass
+class Bucket:
+    start: datetime
+    requests: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    tokens: int = 0
+    cost: Decimal = Decimal("0")
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def _buckets(start: datetime, end: datetime, hourly: bool) -> list[Bucket]:
+    """Every hour/day in the range, including empty ones, so the x axis is continuous."""
+    tz = timezone.get_current_timezone()
+    step = timedelta(hours=1) if hourly else timedelta(days=1)
+    cursor = start.astimezone(tz).replace(minute=0, second=0, microsecond=0)
+    if not hourly:
+        cursor = cursor.replace(hour=0)
+    buckets = []
+    while cursor <= end:
+        buckets.append(Bucket(start=cursor))
+        cursor += step
+    return buckets
+
+
+def usage_over_time(start: datetime, end: datetime, *, hourly: bool) -> list[Bucket]:
+    trunc = TruncHour("created_at") if hourly else TruncDay("created_at")
+    rows = (UsageRecord.objects.filter(created_at__gte=start, created_at__lte=end, debug=False)
+            .annotate(bucket=trunc).values("bucket")
+            .annotate(requests=Count("id"), errors=Count("id", filter=Q(status=UsageRecord.Status.ERROR)),
+                      cache_hits=Count("id", filter=Q(cached=True)),
+                      tokens=Coalesce(Sum("total_tokens"), 0), cost=Coalesce(Sum("cost"), Decimal("0")))
+            .order_by("bucket"))
+    buckets = _buckets(start, end, hourly)
+    by_start = {b.start: b for b in buckets}
+    for row in rows:
+        bucket = by_start.get(row["bucket"])
+        if bucket is None:  # a record on the range's edge
+            continue
+        bucket.requests, bucket.errors, bucket.cache_hits = row["requests"], row["errors"], row["cache_hits"]
+        bucket.tokens, bucket.cost = row["tokens"], row["cost"]
+    return buckets
+
+
+def top_by_cost(start: datetime, field: str, limit: int = TOP_N) -> list[tuple[str, Decimal]]:
+    rows = (UsageRecord.objects.filter(created_at__gte=start, debug=False).values(field)
+            .annotate(total=Sum("cost")).filter(total__gt=0).order_by("-total")[:limit])
+    if field == "user":
+        names = dict(get_user_model().objects.filter(pk__in=[r["user"] for r in rows])
+                     .values_list("pk", get_user_model().USERNAME_FIELD))
+        return [(names.get(r["user"], f"#{r['user']}"), r["total"]) for r in rows]
+    return [(r[field] or "—", r["total"]) for r in rows]
+
+
+def _deployments() -> list[dict]:
+    """Deployment health from the service layer (live breaker state is this process's view)."""
+    rows = deployment_health()
+    for row in rows:
+        if isinstance(row.get("last_check"), str):
+            row["last_check"] = parse_datetime(row["last_check"])
+    return rows
+
+
+def dashboard_view(request: HttpRequest) -> HttpResponse:
+    range_key = request.GET.get("range", "7")
+    if range_key not in RANGES:
+        range_key = "7"
+    range_label, span = RANGES[range_key]
+    hourly = range_key == "1"
+    end = timezone.now()
+    start = end - span
+    buckets = usage_over_time(start, end, hourly=hourly)
+    labels = [timezone.localtime(b.start).strftime("%H:00" if hourly else "%m-%d") for b in buckets]
+    totals = Bucket(start=start)
+    for b in buckets:
+        totals.requests += b.requests
+        totals.errors += b.errors
+        totals.cache_hits += b.cache_hits
+        totals.tokens += b.tokens
+        totals.cost += b.cost
+    currency = settings.CURRENCY
+    context = {
+        **admin.site.each_context(request),
+        "title": "Dashboard",
+        "ranges": [(key, label) for key, (label, _) in RANGES.items()],
+        "range_key": range_key,
+        "range_label": range_label,
+        "totals": totals,
+        "cache_hit_rate": totals.cache_hits / totals.requests if totals.requests else 0.0,
+        "currency": currency,
+        "time_zone": settings.TIME_ZONE,
+        "charts": {
+            "requests": charts.line_chart(labels, {"requests": [b.requests for b in buckets],
+                                                   "errors": [b.errors for b in buckets]},
+                                          title="Requests", y_label="calls"),
+            "tokens": charts.line_chart(labels, {"tokens": [b.tokens for b in buckets]},
+                                        title="Tokens", y_label="tokens"),
+            "cost": charts.line_chart(labels, {"cost": [b.cost for b in buckets]},
+                                      title=f"Cost ({currency})", y_label=currency),
+            "error_rate": charts.line_chart(labels, {"error rate": [b.error_rate for b in buckets],
+                                                     "cache hit rate": [b.cache_hits / b.requests if b.requests else 0
+                                                                        for b in buckets]},
+                                            title="Error rate and cache hit rate", y_label="share of calls",
+                                            fmt=charts.percent, tip=charts.percent),
+            "top_users": charts.bar_chart(top_by_cost(start, "user"), title=f"Top users by cost ({currency})"),
+            "top_models": charts.bar_chart(top_by_cost(start, "model"), title=f"Top models by cost ({currency})"),
+        },
+        "deployments": _deployments(),
+    }
+    return TemplateResponse(request, "admin/dashboard.html", context)
+
+
+dashboard = admin.site.admin_view(dashboard_view)

@@ -1,0 +1,131 @@
+"""One error shape for every API error: {"error": {"code", "message", "retryable"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(exceptions.APIException):
+    """A client-facing error with a machine-readable code. Raise it from services."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    code = "bad_request"
+    message = "Bad request."
+    retryable = False
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, status_code: int | None = None,
+                 retryable: bool | None = None, headers: dict | None = None, extra: dict | None = None):
+        self.message = message or self.message
+        if code:
+            self.code = code
+        if status_code:
+            self.status_code = status_code
+        if retryable is not None:
+            self.retryable = retryable
+        self.headers = headers or {}
+        self.extra = extra or {}
+        super().__init__(detail=self.message, code=self.code)
+
+
+class NotFound(ApiError):
+    status_code = 404
+    code = "not_found"
+    message = "Not found."
+
+
+class Conflict(ApiError):
+    status_code = 409
+    code = "conflict"
+    message = "Conflict."
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+    code = "service_unavailable"
+    message = "A backing service is unavailable; try again."
+    retryable = True
+
+
+def error_body(code: str, message: str, retryable: bool = False, **extra) -> dict:
+    body = {"code": code, "message": message, "retryable": retryable}
+    body.update(extra)
+    return {"error": body}
+
+
+def error_response(code: str, message: str, status_code: int, retryable: bool = False, **extra) -> JsonResponse:
+    return JsonResponse(error_body(code, message, retryable, **extra), status=status_code)
+
+
+_DRF_CODES = {
+    exceptions.NotAuthenticated: "not_authenticated",
+    exceptions.AuthenticationFailed: "authentication_failed",
+    exceptions.PermissionDenied: "permission_denied",
+    exceptions.NotFound: "not_found",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotAcceptable: "not_acceptable",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.Throttled: "rate_limited",
+    exceptions.ParseError: "bad_request",
+    exceptions.ValidationError: "invalid",
+}
+
+
+def _message_from_detail(detail) -> str:
+    if isinstance(detail, list):
+        return "; ".join(_message_from_detail(d) for d in detail)
+    if isinstance(detail, dict):
+        return "; ".join(f"{k}: {_message_from_detail(v)}" for k, v in detail.items())
+    return str(detail)
+
+
+def api_exception_handler(exc, context) -> Response | None:
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    elif isinstance(exc, (OperationalError, InterfaceError)):
+        logger.warning("database unavailable: %s", exc.__class__.__name__)
+        exc = ServiceUnavailable("The database is unavailable; try again.", code="database_unavailable")
+    elif isinstance(exc, DatabaseError):
+        return None  # a real bug: let Django log it and render 500
+
+    if isinstance(exc, ApiError):
+        body = error_body(exc.code, exc.message, exc.retryable, **exc.extra)
+        return Response(body, status=exc.status_code, headers=exc.headers)
+
+    if isinstance(exc, exceptions.APIException):
+        code = next((c for cls, c in _DRF_CODES.items() if isinstance(exc, cls)), None) or exc.default_code
+        body = error_body(code, _message_from_detail(exc.detail), isinstance(exc, exceptions.Throttled))
+        if isinstance(exc, exceptions.ValidationError):
+            body["error"]["fields"] = exc.detail
+        headers = {}
+        if getattr(exc, "auth_header", None):
+            headers["WWW-Authenticate"] = exc.auth_header
+        if getattr(exc, "wait", None):
+            headers["Retry-After"] = str(int(exc.wait) + 1)
+        return Response(body, status=exc.status_code, headers=headers)
+    return None
+
+
+def handler404(request, exception=None):
+    return error_response("not_found", "Not found.", 404)
+
+
+def handler500(request):
+    return error_response("internal_error", "Internal server error.", 500, retryable=True)
+
+
+def handler403(request, exception=None):
+    return error_response("permission_denied", "Permission denied.", 403)
+
+
+def handler400(request, exception=None):
+    return error_response("bad_request", "Bad request.", 400)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import re
+import uuid
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
+from aiwriter.logging import request_id_var
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestIdMiddleware:
+    """Takes X-Request-ID from the client (if sane) or makes one; echoes it back and tags logs."""
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def _start(self, request) -> str:
+        incoming = request.headers.get("X-Request-ID", "")
+        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        request.request_id = request_id
+        # Not reset on the way out: Django logs the response (django.request) after the middleware
+        # chain returns, and every request sets its own id first anyway.
+        request_id_var.set(request_id)
+        return request_id
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        request_id = self._start(request)
+        response = self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response
+
+    async def __acall__(self, request):
+        request_id = self._start(request)
+        response = await self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response

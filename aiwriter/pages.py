@@ -1,0 +1,102 @@
+"""Server-rendered pages for people: the chat page, their usage page, and login.
+
+The pages are thin shells: the JavaScript modules in static/js/ talk to the REST API and the chat
+websocket with the session cookie (and the CSRF token for writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import include, path
+from django.views.decorators.csrf import ensure_csrf_cookie
+
+from agents.models import Agent
+
+# Login throttling: this many failed logins per client address and username in the window locks that pair out.
+LOGIN_MAX_FAILURES = 5
+LOGIN_WINDOW_SECONDS = 15 * 60
+
+
+def _enabled_agents() -> list[dict[str, str]]:
+    return list(Agent.objects.filter(enabled=True, model__enabled=True).order_by("name").values("slug", "name"))
+
+
+@login_required
+@ensure_csrf_cookie
+def chat(request: HttpRequest) -> HttpResponse:
+    return render(request, "chat/index.html", {
+        "agents": _enabled_agents(),
+        "page_config": {"currency": settings.CURRENCY, "max_chars": settings.MAX_MESSAGE_CHARS},
+    })
+
+
+@login_required
+@ensure_csrf_cookie
+def account(request: HttpRequest) -> HttpResponse:
+    return render(request, "account/index.html", {"page_config": {"currency": settings.CURRENCY}})
+
+
+def _failure_key(request: HttpRequest) -> str:
+    username = (request.POST.get("username") or "").strip().lower()
+    return f"login-failures:{request.META.get('REMOTE_ADDR', '')}:{username}"
+
+
+def throttle_logins(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Wraps a login view: after LOGIN_MAX_FAILURES failed tries for one address and username, refuse for a while.
+
+    A POST answered with the form again (200) is a failed try; a redirect is a success and clears the count.
+    The count lives in the shared cache, so it holds across processes when REDIS_URL is set.
+    """
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method != "POST":
+            return view(request, *args, **kwargs)
+        key = _failure_key(request)
+        if cache.get(key, 0) >= LOGIN_MAX_FAILURES:
+            return render(request, "registration/throttled.html", {"minutes": LOGIN_WINDOW_SECONDS // 60},
+                          status=429)
+        response = view(request, *args, **kwargs)
+        if response.status_code == 200:
+            cache.add(key, 0, LOGIN_WINDOW_SECONDS)
+            try:
+                cache.incr(key)
+            except ValueError:  # expired between add and incr
+                cache.set(key, 1, LOGIN_WINDOW_SECONDS)
+        elif response.status_code == 302:
+            cache.delete(key)
+        return response
+
+    return wrapper
+
+
+login_view = throttle_logins(auth_views.LoginView.as_view(template_name="registration/login.html",
+                                                          redirect_authenticated_user=True))
+admin_login_view = throttle_logins(admin.site.login)
+
+
+def _dashboard(request: HttpRequest) -> HttpResponse:
+    from aiwriter.dashboard import dashboard
+
+    return dashboard(request)
+
+
+# Included at the top of aiwriter/urls.py, so /admin/login/ and /admin/dashboard/ win over the admin's own routes.
+urlpatterns = [
+    path("", chat, name="chat"),
+    path("account/", account, name="account"),
+    path("accounts/login/", login_view, name="login"),
+    path("admin/login/", admin_login_view),  # the admin's own login view, throttled the same way
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("admin/dashboard/", _dashboard, name="admin-dashboard"),
+]

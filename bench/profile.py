@@ -1,0 +1,100 @@
+"""Where the server's time goes: py-spy samples daphne while a closed loop of /v1 calls runs.
+
+    python -m bench.run --only none --profile          (collapsed stacks in var/bench/profile.txt)
+
+Prints the functions with the most samples (own and cumulative), so a fix can target what dominates.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+
+from bench.setup import Context
+
+_OURS = ("aiwriter/", "agents/", "usage/", "conversations/")
+
+
+def profile(ctx: Context, seconds: float = 8.0, stream: bool = False, concurrency: int = 8) -> str:
+    spy = shutil.which("py-spy") or str(Path(ctx.env.get("VIRTUAL_ENV", ".venv")) / "bin" / "py-spy")
+    if not Path(spy).exists() and not shutil.which("py-spy"):
+        return "py-spy is not installed (pip install py-spy): no profile"
+    out = ctx.log_dir / "profile.txt"
+    cmd = [spy, "record", "-p", str(ctx.server_pid()), "-d", str(int(seconds)), "-r", "200", "-f", "raw",
+           "-o", str(out), "--nonblocking", "--gil"]
+    # Warm up first: the first calls import the openai SDK and build clients, which is not the steady state.
+    ctx.load({"op": "closed", "target": ctx.gateway(stream=stream), "concurrency": 8, "count": 300})
+    runner = threading.Thread(target=lambda: subprocess.run(cmd, capture_output=True, timeout=seconds + 30))
+    runner.start()
+    ctx.load({"op": "closed", "target": ctx.gateway(stream=stream), "concurrency": concurrency,
+              "duration": seconds + 1})
+    runner.join(seconds + 40)
+    if not out.exists():
+        return "py-spy produced no profile (ptrace not permitted?)"
+    return summarize(out)
+
+
+# Innermost matching frame decides a sample's category (first match in this order, from the leaf up).
+_CATEGORIES = [
+    ("openai SDK + httpx", ("openai/", "httpx", "httpcore", "anyio/", "h11/")),
+    ("psycopg", ("psycopg",)),
+    ("Django ORM", ("django/db/",)),
+    ("asgiref / thread hops", ("asgiref/", "concurrent/futures", "threading.py", "queue.py")),
+    ("daphne / twisted / autobahn", ("daphne/", "twisted/", "autobahn/")),
+    ("channels", ("channels/", "channels_redis/")),
+    ("redis", ("redis/",)),
+    ("prometheus", ("prometheus_client/",)),
+    ("DRF", ("rest_framework/",)),
+    ("Django (other)", ("django/",)),
+    ("asyncio", ("asyncio/", "selectors.py")),
+]
+
+
+def categorize(path: Path) -> list[tuple[str, float]]:
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        label = "other"
+        for frame in reversed(stack.split(";")):
+            hit = next((name for name, marks in _CATEGORIES if any(m in frame for m in marks)), None)
+            if hit is None and any(p in frame for p in _OURS):
+                hit = "aiwriter code"
+            if hit:
+                label = hit
+                break
+        counts[label] += int(count)
+    return [(name, n / total * 100) for name, n in counts.most_common()] if total else []
+
+
+def summarize(path: Path, top: int = 25) -> str:
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            cumulative[frame] += n
+    lines = [f"{total} samples"]
+    lines.append("-- cumulative (project code)")
+    for frame, n in [(f, n) for f, n in cumulative.most_common() if any(p in f for p in _OURS)][:top]:
+        lines.append(f"{n / total * 100:5.1f}%  {frame}")
+    lines.append("-- by where the innermost frame is")
+    for name, share in categorize(path):
+        lines.append(f"{share:5.1f}%  {name}")
+    lines.append("-- own time")
+    for frame, n in own.most_common(top):
+        lines.append(f"{n / total * 100:5.1f}%  {frame}")
+    return "\n".join(lines)

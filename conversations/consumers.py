@@ -1,0 +1,238 @@
+"""Websocket chat at /ws/chat/ (frames: docs/chat.md). Thin: parses frames, calls services, relays frames.
+
+Each generation runs in its own task, so the socket keeps receiving (cancel works mid-stream). Its frames
+go to the conversation's channel-layer group, so every subscribed socket of the owner — another tab,
+another daphne process — sees the same stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from aiwriter.errors import ApiError
+from conversations import selectors, services
+from conversations.generation import error_frame, run_exchange
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+# A frame carries at most one message; JSON escaping can grow text up to 6x (\\uXXXX).
+MAX_FRAME_CHARS = settings.MAX_MESSAGE_CHARS * 6 + 4096
+# How long a disconnect waits for cancelled generations to store their final state.
+DISCONNECT_GRACE_SECONDS = 10.0
+
+
+def group_name(conversation_id: int) -> str:
+    return f"chat.conv.{conversation_id}"
+
+
+def _cancel_soon(task: asyncio.Task) -> None:
+    # A task cancelled before its first step never runs its body (no cleanup, lock kept); a cancel
+    # queued behind that first step always lands inside run_exchange's handlers.
+    asyncio.get_running_loop().call_soon(_cancel_once, task)
+
+
+def _cancel_once(task: asyncio.Task) -> None:
+    # A second cancel would interrupt the first one's cleanup (storing the reply's final state).
+    if not task.done() and not task.cancelling():
+        task.cancel()
+
+
+class BadFrame(ApiError):
+    code = "bad_request"
+    message = "Malformed frame."
+
+
+class GroupSender:
+    """Sends a generation's frames to its group, in order, from one task.
+
+    Deltas that pile up while a send is in flight are merged into one frame, so a slow channel layer
+    batches text instead of holding the stream back; with a fast one every delta goes out as it came.
+    """
+
+    def __init__(self, channel_layer, group: str):
+        self.channel_layer = channel_layer
+        self.group = group
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run())
+
+    async def emit(self, frame: dict[str, Any]) -> None:
+        self.queue.put_nowait(frame)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self.queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            frame = await self.queue.get()
+            if frame is None:
+                return
+            while frame["type"] == "delta" and not self.queue.empty():
+                following = self.queue.get_nowait()
+                if following is not None and following["type"] == "delta" and following["message"] == frame["message"]:
+                    frame = {**frame, "content": frame["content"] + following["content"]}
+                    continue
+                await self._send(frame)
+                frame = following
+                if frame is None:
+                    return
+            await self._send(frame)
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        try:
+            await self.channel_layer.group_send(self.group, {"type": "chat.frame", "frame": frame})
+        except Exception:  # noqa: BLE001 - a lost frame must not kill the generation; the message is stored
+            logger.exception("group_send to %s failed", self.group)
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    async def connect(self) -> None:
+        self.user = self.scope.get("user")
+        self.api_key = self.scope.get("api_key")
+        self.generations: dict[int, asyncio.Task] = {}
+        self.joined: set[str] = set()
+        await self.accept()  # accept first: a close code only reaches the client on an open socket
+        if self.user is None or not self.user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    async def disconnect(self, code: int) -> None:
+        # Decision (docs/chat.md): a disconnect stops this socket's generations; each keeps its text.
+        tasks = [task for task in getattr(self, "generations", {}).values() if not task.done()]
+        for task in tasks:
+            _cancel_soon(task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=DISCONNECT_GRACE_SECONDS)
+        for group in list(getattr(self, "joined", ())):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.user is None or not self.user.is_authenticated:
+            return
+        try:
+            frame = self._parse(text_data, bytes_data)
+            handler = {"message": self._on_message, "cancel": self._on_cancel,
+                       "subscribe": self._on_subscribe}.get(frame.get("type"))
+            if handler is None:
+                raise BadFrame("Unknown frame type; expected message, cancel or subscribe.")
+            await handler(frame)
+        except ApiError as exc:
+            await self._send_json(error_frame(exc.code, exc.message, exc.retryable, exc.extra.get("message_id")))
+        except Exception:  # noqa: BLE001 - e.g. the database is down: tell this frame's sender, keep the socket
+            logger.exception("chat frame failed")
+            await self._send_json(error_frame("internal_error", "The server could not handle this frame.", True))
+
+    # --- frames from the client -----------------------------------------------------------------
+
+    @staticmethod
+    def _parse(text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
+        if text_data is None:
+            raise BadFrame("Frames are JSON text.")
+        if len(text_data) > MAX_FRAME_CHARS:
+            raise BadFrame(f"Frame too large (at most {MAX_FRAME_CHARS} characters).")
+        try:
+            frame = json.loads(text_data)
+        except ValueError as exc:
+            raise BadFrame("Frame is not valid JSON.") from exc
+        if not isinstance(frame, dict):
+            raise BadFrame("Frame must be a JSON object.")
+        return frame
+
+    @staticmethod
+    def _conversation_id(frame: dict[str, Any], *, required: bool) -> int | None:
+        value = frame.get("conversation")
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+            raise BadFrame("`conversation` must be a conversation id.")
+        return int(value)
+
+    async def _on_message(self, frame: dict[str, Any]) -> None:
+        conversation_id = self._conversation_id(frame, required=False)
+        content, client_id = frame.get("content"), frame.get("client_id")
+        agent, project = frame.get("agent"), frame.get("project")
+        if not isinstance(content, str) or not content.strip():
+            raise BadFrame("`content` must be a non-empty string.")
+        if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= 64):
+            raise BadFrame("`client_id` must be a string of at most 64 characters.")
+        if conversation_id is None and (not isinstance(agent, str) or not agent):
+            raise BadFrame("`agent` (a slug) is required to start a conversation.")
+        if project is not None and (not isinstance(project, str) or len(project) > 100):
+            raise BadFrame("`project` must be a string of at most 100 characters.")
+        if project is None:
+            project = getattr(self.api_key, "project", "") or ""
+        exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id)
+        group = group_name(exchange.conversation.pk)
+        await self._join(group)
+        task = asyncio.create_task(self._generate(exchange, group))
+        if not exchange.finished:
+            self.generations[exchange.conversation.pk] = task
+
+    def _begin(self, conversation_id, agent, project, content, client_id) -> services.Exchange:
+        if conversation_id is None:
+            conversation, _ = services.create_conversation(user=self.user, agent=services.resolve_agent(agent),
+                                                           project=project)
+        else:
+            conversation = selectors.conversation_for(user=self.user, conversation_id=conversation_id)
+        return services.begin_exchange(user=self.user, conversation=conversation, content=content,
+                                       client_id=client_id)
+
+    async def _generate(self, exchange: services.Exchange, group: str) -> None:
+        sender = GroupSender(self.channel_layer, group)
+        try:
+            await run_exchange(exchange, user=self.user, entry_point="ws", api_key=self.api_key, emit=sender.emit)
+        except asyncio.CancelledError:
+            pass  # the reply is stored as cancelled and the error frame queued; flush it below
+        except Exception:  # noqa: BLE001 - run_exchange stores its own failures; this is a last resort
+            logger.exception("generation task failed")
+        finally:
+            await sender.close()
+            if self.generations.get(exchange.conversation.pk) is asyncio.current_task():
+                del self.generations[exchange.conversation.pk]
+
+    async def _on_cancel(self, frame: dict[str, Any]) -> None:
+        conversation_id = self._conversation_id(frame, required=True)
+        await database_sync_to_async(selectors.conversation_for)(user=self.user, conversation_id=conversation_id)
+        # The generation may run on another socket or process: every socket in the group checks its own.
+        await self.channel_layer.group_send(group_name(conversation_id),
+                                            {"type": "chat.cancel", "conversation": conversation_id})
+        self._cancel_local(conversation_id)
+
+    async def _on_subscribe(self, frame: dict[str, Any]) -> None:
+        conversation_id = self._conversation_id(frame, required=True)
+        await database_sync_to_async(selectors.conversation_for)(user=self.user, conversation_id=conversation_id)
+        await self._join(group_name(conversation_id))
+        await self._send_json({"type": "subscribed", "conversation": conversation_id})
+
+    # --- events from the channel layer ------------------------------------------------------------
+
+    async def chat_frame(self, event: dict[str, Any]) -> None:
+        await self._send_json(event["frame"])
+
+    async def chat_cancel(self, event: dict[str, Any]) -> None:
+        self._cancel_local(event["conversation"])
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _cancel_local(self, conversation_id: int) -> None:
+        task = self.generations.get(conversation_id)
+        if task is not None and not task.done():
+            _cancel_soon(task)
+
+    async def _join(self, group: str) -> None:
+        if group not in self.joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.joined.add(group)
+
+    async def _send_json(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame))

@@ -1,0 +1,68 @@
+"""Input and output shapes of the conversations API."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from rest_framework import serializers
+
+from conversations import selectors
+from conversations.models import Conversation, Message
+
+
+class ConversationCreateInput(serializers.Serializer):
+    agent = serializers.CharField(max_length=100)
+    project = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+
+class ConversationUpdateInput(serializers.Serializer):
+    title = serializers.CharField(max_length=200, allow_blank=True)
+
+
+class MessageCreateInput(serializers.Serializer):
+    content = serializers.CharField(trim_whitespace=False)
+    client_id = serializers.CharField(max_length=64, required=False, allow_null=True, allow_blank=True)
+
+    def validate_content(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("This field may not be blank.")
+        if len(value) > settings.MAX_MESSAGE_CHARS:
+            raise serializers.ValidationError(f"At most {settings.MAX_MESSAGE_CHARS} characters.")
+        return value
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    agent = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "agent", "project", "title", "message_count", "total_tokens", "has_success",
+                  "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    error_display = serializers.SerializerMethodField()
+    total_tokens = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Message
+        fields = ["id", "conversation", "role", "content", "status", "error_message", "error_display", "sequence",
+                  "reply_to", "model_name", "provider_name", "prompt_tokens", "completion_tokens", "total_tokens",
+                  "usage_estimated", "fallback", "latency_ms", "cost", "client_id", "created_at", "updated_at"]
+        read_only_fields = fields
+
+    def get_error_display(self, message: Message) -> str | None:
+        return selectors.error_display(message)
+
+    def get_total_tokens(self, message: Message) -> int:
+        return message.prompt_tokens + message.completion_tokens
+
+
+class MemoryHitSerializer(serializers.Serializer):
+    message = serializers.IntegerField(source="message_id")
+    conversation = serializers.IntegerField(source="conversation_id")
+    role = serializers.CharField()
+    content = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    rank = serializers.FloatField()

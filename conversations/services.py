@@ -1,0 +1,312 @@
+"""Writes for conversations and messages: create (deduplicated), exchanges, final states, retry, sweeping.
+
+An exchange is one user message and its assistant reply. `begin_exchange` stores both (the user message
+before the model is ever called) under the conversation's lock; `conversations.generation.run_exchange`
+calls the model and `finish_reply` writes the outcome. Every failed outcome keeps the text that arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from agents.models import Agent
+from aiwriter.errors import ApiError
+from conversations import locks, moderation, selectors, sequence
+from conversations.models import Conversation, GenerationLease, Message
+
+logger = logging.getLogger(__name__)
+
+TITLE_CHARS = 80
+_dedupe_guard = threading.Lock()  # SQLite fallback only: PostgreSQL holds the guarantee across processes
+
+
+class UnknownAgent(ApiError):
+    code = "unknown_agent"
+    message = "No enabled agent with that slug."
+
+
+class NotRetryable(ApiError):
+    status_code = 409
+    code = "not_retryable"
+    message = "Only a failed reply that has not been answered since can be retried."
+
+
+class MessageTooLong(ApiError):
+    status_code = 413
+    code = "message_too_long"
+
+
+@dataclass
+class Exchange:
+    conversation: Conversation
+    user_message: Message
+    reply: Message
+    lock: locks.GenerationLock | None = None  # held while the reply is generated
+    replay: bool = False  # an earlier request with the same client_id: its reply, nothing new
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.lock is None
+
+
+# --- conversations -------------------------------------------------------------------------------
+
+def resolve_agent(slug_or_id: Any) -> Agent:
+    qs = Agent.objects.filter(enabled=True).select_related("model", "fallback_model")
+    agent = None
+    if isinstance(slug_or_id, str) and slug_or_id:
+        agent = qs.filter(slug=slug_or_id).first()
+    if agent is None and (isinstance(slug_or_id, int) or (isinstance(slug_or_id, str) and slug_or_id.isdigit())):
+        agent = qs.filter(pk=int(slug_or_id)).first()
+    if agent is None:
+        raise UnknownAgent()
+    return agent
+
+
+def _dedupe_cache_key(user_id: int, agent_id: int, project: str) -> str:
+    digest = hashlib.sha256(project.encode()).hexdigest()[:16]
+    return f"conv:dedupe:{user_id}:{agent_id}:{digest}"
+
+
+def _recent(user, agent: Agent, project: str):
+    since = timezone.now() - timedelta(seconds=settings.CONVERSATION_DEDUPE_SECONDS)
+    return Conversation.objects.filter(owner=user, agent=agent, project=project, deleted_at__isnull=True,
+                                       created_at__gte=since)
+
+
+def create_conversation(*, user, agent: Agent, project: str = "", title: str = "") -> tuple[Conversation, bool]:
+    """The user's conversation with this agent and project from the last 5 minutes, or a new one.
+
+    Returns (conversation, created). Redis (the cache) is only a fast path; the guarantee that 100
+    identical concurrent requests make one row is a per-user PostgreSQL advisory lock around the
+    check-then-insert.
+    """
+    key = _dedupe_cache_key(user.pk, agent.pk, project)
+    cached_id = cache.get(key)
+    if cached_id:
+        existing = _recent(user, agent, project).filter(pk=cached_id).first()
+        if existing is not None:
+            return existing, False
+    with (nullcontext() if settings.IS_POSTGRES else _dedupe_guard), transaction.atomic():
+        if settings.IS_POSTGRES:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [locks.ADVISORY_DEDUPE, user.pk])
+        existing = _recent(user, agent, project).order_by("-created_at").first()
+        if existing is not None:
+            conversation, created = existing, False
+        else:
+            conversation = Conversation.objects.create(owner=user, agent=agent, project=project, title=title)
+            created = True
+    cache.set(key, conversation.pk, timeout=settings.CONVERSATION_DEDUPE_SECONDS)
+    return conversation, created
+
+
+def update_conversation(*, conversation: Conversation, title: str | None = None) -> Conversation:
+    if title is not None:
+        conversation.title = title[:200]
+        conversation.save(update_fields=["title", "updated_at"])
+    return conversation
+
+
+def delete_conversation(*, conversation: Conversation) -> None:
+    """Soft delete: hidden everywhere, kept for usage records and audits."""
+    conversation.deleted_at = timezone.now()
+    conversation.save(update_fields=["deleted_at", "updated_at"])
+    cache.delete(_dedupe_cache_key(conversation.owner_id, conversation.agent_id, conversation.project))
+
+
+# --- exchanges ------------------------------------------------------------------------------------
+
+def _validate_content(content: Any) -> str:
+    if not isinstance(content, str) or not content.strip():
+        raise ApiError("`content` must be a non-empty string.", code="bad_request")
+    if len(content) > settings.MAX_MESSAGE_CHARS:
+        raise MessageTooLong(f"A message may have at most {settings.MAX_MESSAGE_CHARS} characters.")
+    return content
+
+
+def _replay(conversation: Conversation, client_id: str | None) -> Exchange | None:
+    if not client_id:
+        return None
+    reply = selectors.reply_for_client_id(conversation=conversation, client_id=client_id)
+    if reply is None:
+        return None
+    if reply.status in (Message.Status.PROCESSING, Message.Status.PENDING):
+        raise locks.ConversationBusy("The message with this client_id is still being answered.")
+    return Exchange(conversation=conversation, user_message=reply.reply_to, reply=reply, replay=True)
+
+
+def begin_exchange(*, user, conversation: Conversation, content: Any, client_id: str | None = None) -> Exchange:
+    """Stores the user message and a `processing` reply under the conversation's lock.
+
+    Raises ConversationBusy (409) / TooManyConcurrent (429). A repeated client_id returns the first
+    exchange (replay) instead. Moderation runs here: a rejected message ends as `content_violation`
+    without a lock held and without any model call.
+    """
+    content = _validate_content(content)
+    client_id = (client_id or None) and str(client_id)[:64]
+    replay = _replay(conversation, client_id)
+    if replay is not None:
+        return replay
+    lock = locks.acquire(owner_id=user.pk, conversation_id=conversation.pk)
+    try:
+        replay = _replay(conversation, client_id)  # a twin request may have finished while we waited
+        if replay is not None:
+            locks.release(lock)
+            return replay
+
+        def insert(numbers: list[int]) -> tuple[Message, Message]:
+            user_message = Message.objects.create(
+                conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.PENDING,
+                sequence=numbers[0], client_id=client_id)
+            reply = Message.objects.create(
+                conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
+                sequence=numbers[1], reply_to=user_message)
+            _count_messages(conversation, 2, title_from=content)
+            return user_message, reply
+
+        user_message, reply = sequence.insert_with_sequence(conversation.pk, 2, insert)
+        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock)
+        _moderate(exchange)
+        return exchange
+    except BaseException:
+        locks.release(lock)
+        raise
+
+
+def begin_retry(*, user, conversation: Conversation, message: Message) -> Exchange:
+    """A new reply to the user message whose reply `message` failed; the failed one is kept as it was."""
+    if message.role != Message.Role.ASSISTANT or message.status not in selectors.FAILED_STATUSES \
+            or message.reply_to_id is None:
+        raise NotRetryable()
+    lock = locks.acquire(owner_id=user.pk, conversation_id=conversation.pk)
+    try:
+        user_message = Message.objects.get(pk=message.reply_to_id)
+        newer = user_message.replies.filter(sequence__gt=message.sequence).exists()
+        if newer or user_message.status == Message.Status.SUCCESS:
+            raise NotRetryable()
+
+        def insert(numbers: list[int]) -> Message:
+            reply = Message.objects.create(
+                conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
+                sequence=numbers[0], reply_to=user_message)
+            Message.objects.filter(pk=user_message.pk).update(status=Message.Status.PENDING, error_message="",
+                                                              updated_at=timezone.now())
+            _count_messages(conversation, 1)
+            return reply
+
+        reply = sequence.insert_with_sequence(conversation.pk, 1, insert)
+        user_message.refresh_from_db()
+        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock)
+        _moderate(exchange)
+        return exchange
+    except BaseException:
+        locks.release(lock)
+        raise
+
+
+def _count_messages(conversation: Conversation, added: int, title_from: str = "") -> None:
+    """Every message counts in message_count (only successful replies add tokens, in finish_reply)."""
+    updates: dict[str, Any] = {"message_count": F("message_count") + added, "updated_at": timezone.now()}
+    Conversation.objects.filter(pk=conversation.pk).update(**updates)
+    if title_from and not conversation.title:
+        title = " ".join(title_from.split())[:TITLE_CHARS]
+        Conversation.objects.filter(pk=conversation.pk, title="").update(title=title)
+        conversation.title = title
+    conversation.message_count += added
+
+
+def _moderate(exchange: Exchange) -> None:
+    reason = moderation.check(exchange.user_message.content)
+    if reason is None:
+        return
+    finish_reply(exchange, status=Message.Status.CONTENT_VIOLATION, error_message=reason)
+    locks.release(exchange.lock)
+    exchange.lock = None
+
+
+def finish_reply(exchange: Exchange, *, status: str, content: str = "", error_message: str = "",
+                 model_name: str = "", provider_name: str = "", prompt_tokens: int = 0, completion_tokens: int = 0,
+                 usage_estimated: bool = False, fallback: bool = False, latency_ms: int | None = None,
+                 cost: Decimal = Decimal("0")) -> Message:
+    """Writes a reply's final state, its user message's status and the conversation's counters, atomically.
+
+    Only a reply still `processing` changes: the first final state wins (a late cancel, the sweeper).
+    """
+    now = timezone.now()
+    reply = exchange.reply
+    values: dict[str, Any] = dict(
+        status=status, content=content, error_message=error_message, model_name=model_name[:100],
+        provider_name=provider_name[:100], prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        usage_estimated=usage_estimated, fallback=fallback, latency_ms=latency_ms, cost=cost)
+    with transaction.atomic():
+        changed = Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING).update(
+            updated_at=now, **values)
+        if not changed:
+            reply.refresh_from_db()
+            return reply
+        for name, value in values.items():
+            setattr(reply, name, value)
+        reply.updated_at = now
+        # The user message shares the outcome, so failed exchanges stay out of later prompts.
+        Message.objects.filter(pk=exchange.user_message.pk).update(status=status, updated_at=now)
+        exchange.user_message.status = status
+        updates: dict[str, Any] = {"updated_at": now}
+        if status == Message.Status.SUCCESS:
+            updates.update(total_tokens=F("total_tokens") + prompt_tokens + completion_tokens, has_success=True)
+        Conversation.objects.filter(pk=exchange.conversation.pk).update(**updates)
+    return reply
+
+
+def save_partial(reply: Message, content: str) -> None:
+    """Checkpoints streamed text, so a crashed worker's reply keeps what arrived (the sweeper ends it)."""
+    Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING).update(content=content,
+                                                                                   updated_at=timezone.now())
+
+
+def checkpoint(exchange: Exchange, content: str) -> None:
+    """During a long stream: saves the text so far and keeps the conversation's lock alive."""
+    save_partial(exchange.reply, content)
+    if exchange.lock is not None:
+        locks.extend(exchange.lock)
+
+
+def release_lock(exchange: Exchange) -> None:
+    if exchange.lock is not None:
+        locks.release(exchange.lock)
+        exchange.lock = None
+
+
+# --- housekeeping ---------------------------------------------------------------------------------
+
+def sweep_stuck_messages(*, older_than_seconds: int) -> int:
+    """Ends replies stuck in `processing` with no progress for `older_than_seconds` as `error` (text kept)."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    swept = 0
+    stuck = Message.objects.filter(role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
+                                   updated_at__lt=cutoff).select_related("conversation", "reply_to")
+    for reply in stuck.iterator():
+        with transaction.atomic():
+            changed = Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING).update(
+                status=Message.Status.ERROR, error_message="The reply stopped: its worker went away.",
+                updated_at=timezone.now())
+            if changed and reply.reply_to_id:
+                Message.objects.filter(pk=reply.reply_to_id, status=Message.Status.PENDING).update(
+                    status=Message.Status.ERROR, updated_at=timezone.now())
+            swept += changed
+    GenerationLease.objects.filter(expires_at__lte=timezone.now()).delete()
+    return swept

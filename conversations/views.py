@@ -1,0 +1,116 @@
+"""REST for conversations, messages and memory. Thin: parse, call a service or selector, render."""
+
+from __future__ import annotations
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from rest_framework import status
+from rest_framework.generics import GenericAPIView
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from aiwriter.errors import ApiError
+from conversations import memory, selectors, services
+from conversations.generation import outcome_error, run_exchange
+from conversations.serializers import (
+    ConversationCreateInput,
+    ConversationSerializer,
+    ConversationUpdateInput,
+    MemoryHitSerializer,
+    MessageCreateInput,
+    MessageSerializer,
+)
+
+
+def _reply_response(request, exchange: services.Exchange) -> Response:
+    """Runs the exchange (unless it is a replay) and renders the reply, or its failure in the error shape."""
+    reply = exchange.reply
+    if not exchange.finished:
+        reply = async_to_sync(run_exchange)(exchange, user=request.user, entry_point="chat", api_key=request.auth)
+    error = exchange.extra.get("error") or outcome_error(reply)
+    if error is not None:
+        raise error
+    return Response(MessageSerializer(reply).data, status=status.HTTP_200_OK if exchange.replay else 201)
+
+
+class ConversationListView(GenericAPIView):
+    serializer_class = ConversationSerializer
+
+    def get_queryset(self):
+        return selectors.conversation_list(user=self.request.user)
+
+    def get(self, request):
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(ConversationSerializer(page, many=True).data)
+
+    def post(self, request):
+        data = ConversationCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        project = data.validated_data.get("project")
+        if project is None:
+            project = getattr(request.auth, "project", "") or ""
+        conversation, created = services.create_conversation(
+            user=request.user, agent=services.resolve_agent(data.validated_data["agent"]), project=project,
+            title=data.validated_data["title"])
+        return Response(ConversationSerializer(conversation).data, status=201 if created else 200)
+
+
+class ConversationDetailView(APIView):
+    def get(self, request, conversation_id: int):
+        conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
+        return Response(ConversationSerializer(conversation).data)
+
+    def patch(self, request, conversation_id: int):
+        conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
+        data = ConversationUpdateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        conversation = services.update_conversation(conversation=conversation, title=data.validated_data["title"])
+        return Response(ConversationSerializer(conversation).data)
+
+    def delete(self, request, conversation_id: int):
+        conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
+        services.delete_conversation(conversation=conversation)
+        return Response(status=204)
+
+
+class MessageListView(GenericAPIView):
+    serializer_class = MessageSerializer
+
+    def get_queryset(self):
+        conversation = selectors.conversation_for(user=self.request.user,
+                                                  conversation_id=self.kwargs["conversation_id"])
+        return selectors.message_list(conversation=conversation)
+
+    def get(self, request, conversation_id: int):
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(MessageSerializer(page, many=True).data)
+
+    def post(self, request, conversation_id: int):
+        conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
+        data = MessageCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        exchange = services.begin_exchange(user=request.user, conversation=conversation,
+                                           content=data.validated_data["content"],
+                                           client_id=data.validated_data.get("client_id"))
+        return _reply_response(request, exchange)
+
+
+class MessageRetryView(APIView):
+    def post(self, request, conversation_id: int, message_id: int):
+        conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
+        message = selectors.message_for(conversation=conversation, message_id=message_id)
+        exchange = services.begin_retry(user=request.user, conversation=conversation, message=message)
+        return _reply_response(request, exchange)
+
+
+class MemoryView(APIView):
+    def get(self, request):
+        query = request.query_params.get("q", "").strip()
+        if not query:
+            raise ApiError("Query parameter `q` is required.", code="bad_request")
+        try:
+            k = int(request.query_params.get("k", settings.MEMORY_TOP_K))
+        except ValueError as exc:
+            raise ApiError("`k` must be an integer.", code="bad_request") from exc
+        hits = memory.search_memory(user=request.user, query=query[:2000], k=k)
+        return Response({"results": MemoryHitSerializer(hits, many=True).data})

@@ -1,0 +1,219 @@
+// The user's page: balance, this month's usage against quota, spend per day, API keys.
+
+import { api, readJsonScript, results } from "./api.js";
+import { barChartSvg } from "./svgchart.js";
+
+const config = readJsonScript("page-config", { currency: "" });
+const $ = (id) => document.getElementById(id);
+
+function money(value, currency = config.currency) {
+  if (value === null || value === undefined || value === "") return "—";
+  // Display only: the server's decimal string, shown with 2 to 4 decimals.
+  const shown = new Intl.NumberFormat("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 4 })
+    .format(Number(value));
+  return `${shown} ${currency || ""}`.trim();
+}
+
+function dateText(value) {
+  if (!value) return "—";
+  const d = new Date(value);
+  return Number.isNaN(d.getTime()) ? String(value) : d.toLocaleString();
+}
+
+function failed(node, err) {
+  node.replaceChildren();
+  const p = document.createElement("p");
+  p.className = "muted";
+  p.textContent = `Could not load: ${err.message}`;
+  node.appendChild(p);
+}
+
+async function loadBalance() {
+  try {
+    const data = await api("/api/usage/balance/");
+    $("balance").textContent = money(data.available ?? data.balance, data.currency);
+    const reserved = data.reserved && Number(data.reserved) !== 0 ? ` · ${money(data.reserved, data.currency)} held for replies in progress` : "";
+    $("balance-detail").textContent = `Balance ${money(data.balance, data.currency)}${reserved}`;
+  } catch (err) {
+    $("balance").textContent = "—";
+    $("balance-detail").textContent = `Could not load the balance: ${err.message}`;
+  }
+}
+
+function quotaBar(label, used, limit, format) {
+  const row = document.createElement("div");
+  row.className = "quota";
+  const title = document.createElement("div");
+  title.className = "quota-label";
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  const fill = document.createElement("div");
+  fill.className = "fill";
+  bar.appendChild(fill);
+  if (limit) {
+    const pct = Math.min(100, (Number(used) / Number(limit)) * 100);
+    fill.style.width = `${pct}%`;
+    fill.classList.toggle("warn", pct >= 80);
+    fill.classList.toggle("over", pct >= 100);
+    title.textContent = `${label}: ${format(used)} of ${format(limit)} (${pct.toFixed(0)}%)`;
+    bar.setAttribute("role", "progressbar");
+    bar.setAttribute("aria-valuenow", pct.toFixed(0));
+  } else {
+    fill.style.width = "0%";
+    title.textContent = `${label}: ${format(used)} (no limit)`;
+  }
+  row.append(title, bar);
+  return row;
+}
+
+async function loadQuota() {
+  const box = $("quota-bars");
+  try {
+    const q = await api("/api/usage/quota/");
+    const usage = q.usage || {};
+    const limits = q.limits || {};
+    box.replaceChildren(
+      quotaBar("Tokens", usage.tokens || 0, limits.tokens, (v) => Number(v).toLocaleString()),
+      quotaBar("Cost", usage.cost || "0", limits.cost, (v) => money(v)),
+    );
+    if (q.period) {
+      const p = document.createElement("p");
+      p.className = "muted";
+      p.textContent = `Month from ${q.period.start} (${q.period.time_zone || ""}).`;
+      box.appendChild(p);
+    }
+    if (q.alert && q.alert.message) {
+      const p = document.createElement("p");
+      p.className = `alert alert-${q.alert.level}`;
+      p.textContent = q.alert.message;
+      box.appendChild(p);
+    }
+  } catch (err) {
+    failed(box, err);
+  }
+}
+
+function isoDay(d) {
+  return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, "0")}-${String(d.getDate()).padStart(2, "0")}`;
+}
+
+async function loadSpend() {
+  const box = $("spend-chart");
+  const end = new Date();
+  const start = new Date(end.getTime() - 29 * 86400000);
+  try {
+    const data = await api(`/api/usage/stats/?group_by=day&start=${isoDay(start)}&end=${isoDay(end)}`);
+    const byDay = new Map((data.by_day || []).map((row) => [row.day, row]));
+    // Days are the server's (quota time zone): walk from its start to its end.
+    const days = [];
+    const last = Date.parse(`${data.end}T00:00:00Z`);
+    for (let t = Date.parse(`${data.start}T00:00:00Z`); t <= last; t += 86400000) {
+      days.push(new Date(t).toISOString().slice(0, 10));
+    }
+    const items = days.map((day) => [day.slice(5), Number((byDay.get(day) || {}).cost || 0)]);
+    box.innerHTML = barChartSvg(items, { title: `Spend per day (${data.currency || config.currency})` });
+    const total = data.totals ? money(data.totals.cost, data.currency) : "";
+    if (total) {
+      const p = document.createElement("p");
+      p.className = "muted";
+      p.textContent = `Last 30 days: ${total}, ${(data.totals.total_tokens || 0).toLocaleString()} tokens, ${data.totals.calls || 0} calls.`;
+      box.appendChild(p);
+    }
+  } catch (err) {
+    failed(box, err);
+  }
+}
+
+// --- API keys -------------------------------------------------------------------
+
+function keyState(k) {
+  if (k.revoked_at || k.revoked) return "revoked";
+  if (k.expires_at && new Date(k.expires_at) <= new Date()) return "expired";
+  return "active";
+}
+
+async function loadKeys() {
+  const body = $("key-rows");
+  let keys;
+  try {
+    keys = results(await api("/api/keys/"));
+  } catch (err) {
+    body.innerHTML = "";
+    const tr = body.insertRow();
+    const td = tr.insertCell();
+    td.colSpan = 7;
+    td.textContent = `Could not load keys: ${err.message}`;
+    return;
+  }
+  body.replaceChildren();
+  if (!keys.length) {
+    const td = body.insertRow().insertCell();
+    td.colSpan = 7;
+    td.className = "muted";
+    td.textContent = "No keys yet.";
+  }
+  for (const k of keys) {
+    const tr = body.insertRow();
+    tr.dataset.keyId = String(k.id);
+    const state = keyState(k);
+    tr.className = `key-${state}`;
+    for (const text of [k.name, `${k.prefix || ""}…`, k.project || "", dateText(k.created_at), dateText(k.last_used_at), state]) {
+      tr.insertCell().textContent = text;
+    }
+    const cell = tr.insertCell();
+    if (state === "active") {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "danger revoke";
+      button.textContent = "Revoke";
+      button.addEventListener("click", () => revokeKey(k, button));
+      cell.appendChild(button);
+    }
+  }
+}
+
+async function revokeKey(k, button) {
+  if (!window.confirm(`Revoke the key "${k.name}"? Apps using it stop working at once.`)) return;
+  button.disabled = true;
+  try {
+    await api(`/api/keys/${k.id}/`, { method: "DELETE" });
+  } catch (err) {
+    button.disabled = false;
+    window.alert(`Could not revoke the key: ${err.message}`);
+    return;
+  }
+  await loadKeys();
+}
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const name = $("key-name").value.trim();
+  if (!name) return;
+  const button = $("create-key");
+  button.disabled = true;
+  try {
+    const data = await api("/api/keys/", { method: "POST", body: { name } });
+    $("new-key-value").textContent = data.key || data.raw_key || data.secret || "";
+    $("new-key").hidden = false;
+    $("key-name").value = "";
+    await loadKeys();
+  } catch (err) {
+    window.alert(`Could not create the key: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+$("copy-key").addEventListener("click", async () => {
+  try {
+    await navigator.clipboard.writeText($("new-key-value").textContent);
+    $("copy-key").textContent = "Copied";
+  } catch {
+    window.getSelection().selectAllChildren($("new-key-value"));
+  }
+});
+
+loadBalance();
+loadQuota();
+loadSpend();
+loadKeys();

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.conf import settings
+
+pytest_plugins = [
+    "tests.fixtures_llm",
+    "tests.fixtures_usage",
+    "tests.fixtures_chat",
+    "tests.fixtures_openai",
+    "tests.fixtures_web",
+]
+
+_left_out: dict[str, int] = {"pg": 0, "redis": 0}
+
+
+def pytest_collection_modifyitems(config, items):
+    require = os.environ.get("CI_REQUIRE_SERVICES") == "1"
+    have = {"pg": settings.IS_POSTGRES, "redis": bool(settings.REDIS_URL)}
+    if require and not all(have.values()):
+        raise pytest.UsageError("CI_REQUIRE_SERVICES=1 but DATABASE_URL/REDIS_URL do not point at PostgreSQL/Redis")
+    for item in items:
+        for marker, available in have.items():
+            if item.get_closest_marker(marker) and not available:
+                _left_out[marker] += 1
+                item.add_marker(pytest.mark.skip(reason=f"needs {'PostgreSQL' if marker == 'pg' else 'Redis'}"))
+                break
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(_left_out.values()):
+        terminalreporter.write_line(
+            f"bare run: left out {_left_out['pg']} PostgreSQL and {_left_out['redis']} Redis tests "
+            "(set DATABASE_URL and REDIS_URL, as .ci/run does, to run them)"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _clean_shared_state():
+    """Each test starts with an empty cache and, when configured, an empty Redis database."""
+    from django.core.cache import cache
+
+    cache.clear()
+    if settings.REDIS_URL:
+        from aiwriter.redis import get_redis
+
+        get_redis().flushdb()
+    yield
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()

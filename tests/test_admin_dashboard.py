@@ -1,0 +1,75 @@
+"""The admin dashboard: server-drawn SVG charts with axes and labels, top spenders, cache hit rate, deployments."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from aiwriter import charts
+from tests.factories import make_agent, make_user
+from usage.models import UsageRecord
+
+pytestmark = pytest.mark.django_db
+
+
+def _record(user, model="m1", **extra) -> UsageRecord:
+    fields = {"provider": "p1", "model": model, "total_tokens": 100, "cost": Decimal("0.5"), "entry_point": "chat",
+              **extra}
+    return UsageRecord.objects.create(user=user, **fields)
+
+
+def test_dashboard_renders_its_charts(operator_client):
+    alice, bob = make_user("alice"), make_user("bob")
+    make_agent("writer")  # a deployment for the health table
+    _record(alice, cost=Decimal("2"))
+    _record(alice, status="error", cost=Decimal("0"))
+    _record(bob, model="m2", cached=True, cost=Decimal("0.25"))
+    _record(bob, debug=True, cost=Decimal("99"))  # staff debug runs are left out
+    response = operator_client.get(reverse("admin-dashboard"))
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert body.count('<svg class="chart') == 6
+    for title in ("Requests", "Tokens", "Cost (CNY)", "Error rate and cache hit rate", "Top users by cost (CNY)",
+                  "Top models by cost (CNY)"):
+        assert f">{title}</text>" in body
+    assert 'id="total-requests">3<' in body
+    assert 'id="cache-hit-rate">33%<' in body
+    assert ">alice<" in body and ">bob<" in body  # top users, labelled
+    assert ">2.2500 CNY<" in body  # the 99 of the debug run is not in the cost
+    assert 'id="deployment-health"' in body and "closed" in body
+
+
+@pytest.mark.parametrize("range_key", ["1", "7", "30", "90", "bogus"])
+def test_every_range_renders(operator_client, range_key):
+    _record(make_user(), created_at=timezone.now())
+    assert operator_client.get(reverse("admin-dashboard"), {"range": range_key}).status_code == 200
+
+
+def test_old_records_fall_outside_the_range(operator_client):
+    record = _record(make_user())
+    UsageRecord.objects.filter(pk=record.pk).update(created_at=timezone.now() - timedelta(days=40))
+    body = operator_client.get(reverse("admin-dashboard"), {"range": "30"}).content.decode()
+    assert 'id="total-requests">0<' in body
+
+
+def test_labels_in_charts_are_escaped():
+    svg = charts.bar_chart([("<script>alert(1)</script>", Decimal("1"))], title="T <b>")
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "T &lt;b&gt;" in svg
+
+
+def test_line_chart_has_axes_ticks_and_labels():
+    svg = charts.line_chart(["01-01", "01-02", "01-03"], {"calls": [0, 5, 12]}, title="Requests", y_label="calls")
+    assert svg.count("<line") >= 4  # two axes and grid lines
+    assert ">15</text>" in svg or ">12</text>" in svg or ">20</text>" in svg  # a round top tick
+    assert ">01-01</text>" in svg and ">01-03</text>" in svg
+    assert "<polyline" in svg
+
+
+def test_nice_ticks_are_round():
+    assert charts.nice_ticks(12) == [0, 5, 10, 15]
+    assert charts.nice_ticks(0) == [0.0, 1.0]
+    assert charts.nice_ticks(0.003)[-1] >= 0.003

@@ -1,0 +1,27 @@
+"""The middleware chain stays async: one sync-only middleware would serve requests one at a time."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+
+def test_every_middleware_is_async_capable():
+    sync_only = [name for name in settings.MIDDLEWARE if not getattr(import_string(name), "async_capable", False)]
+    assert sync_only == []
+
+
+@pytest.mark.django_db
+async def test_static_files_are_still_served(async_client):
+    response = await async_client.get("/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert response.streaming  # WhiteNoise streams the file
+    assert response["Content-Type"].startswith("text/css")
+
+
+@pytest.mark.django_db
+async def test_other_paths_reach_the_views(async_client):
+    response = await async_client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}

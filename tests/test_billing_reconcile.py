@@ -1,0 +1,88 @@
+"""A database error after the upstream served a call: the hold stays, reconcile charges it. Never a free call."""
+
+import io
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.management import call_command
+from django.db import connection
+
+from agents.llm import tokens
+from agents.llm.types import ChatRequest
+from tests.factories import make_fake_model, make_user
+from usage.metering import CallContext, metered_complete
+from usage.models import CreditAccount, LedgerEntry, Reservation, UsageRecord
+from usage.services import grant_credits, reconcile_reservations
+
+pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
+              pytest.mark.usefixtures("close_thread_connections")]
+
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+def _break_usage_inserts():
+    # A real database error, raised by PostgreSQL itself on the record's INSERT.
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            CREATE OR REPLACE FUNCTION aiw_test_fail() RETURNS trigger AS $$
+            BEGIN RAISE EXCEPTION 'simulated outage'; END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER aiw_test_fail BEFORE INSERT ON usage_usagerecord
+            FOR EACH ROW EXECUTE FUNCTION aiw_test_fail();
+        """)
+
+
+def _repair_usage_inserts():
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TRIGGER IF EXISTS aiw_test_fail ON usage_usagerecord; "
+                       "DROP FUNCTION IF EXISTS aiw_test_fail();")
+
+
+async def test_db_error_after_upstream_success_is_reconciled_not_free(fake_upstream):
+    user = await sync_to_async(make_user)()
+    model = await sync_to_async(make_fake_model)(fake_upstream, "flaky-db", input_price="1", output_price="2")
+    fake_upstream.configure("flaky-db", tokens=9)
+    await sync_to_async(grant_credits)(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    ctx = CallContext(user=user, entry_point="chat")
+    await sync_to_async(_break_usage_inserts)()
+    try:
+        metered = await metered_complete(ctx, ChatRequest(model=model.name, messages=MESSAGES, max_tokens=20))
+    finally:
+        await sync_to_async(_repair_usage_inserts)()
+    assert metered.pending_reconcile and metered.result.content and fake_upstream.completions == 1
+    expected = (Decimal(tokens.count_messages(MESSAGES)) * 1 + 9 * Decimal(2)) / Decimal(1_000_000)
+    assert metered.cost == expected
+
+    def check_and_reconcile():
+        assert UsageRecord.objects.count() == 0
+        hold = Reservation.objects.get()
+        assert hold.status == "held" and hold.result["completion_tokens"] == 9
+        account = CreditAccount.objects.get(user=user)
+        assert account.reserved == hold.amount and account.balance == 1  # held, not free, not yet charged
+        assert reconcile_reservations(older_than=timedelta(0)) == {"charged": 1, "released": 0}
+        assert reconcile_reservations(older_than=timedelta(0)) == {"charged": 0, "released": 0}  # safe twice
+
+    await sync_to_async(check_and_reconcile)()
+    record = await sync_to_async(UsageRecord.objects.get)()
+    assert record.cost == expected and record.charged and record.metadata["reconciled"]
+    assert await sync_to_async(UsageRecord.objects.count)() == fake_upstream.completions
+    account = await sync_to_async(CreditAccount.objects.get)(user=user)
+    assert account.balance == Decimal(1) - expected and account.reserved == 0
+    assert await sync_to_async(LedgerEntry.objects.filter(kind="charge").count)() == 1
+
+
+def test_stale_hold_without_outcome_is_released_by_the_command():
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    account = CreditAccount.objects.get(user=user)
+    CreditAccount.objects.filter(pk=account.pk).update(reserved=Decimal("0.5"))
+    hold = Reservation.objects.create(account=account, amount=Decimal("0.5"), context={
+        "user_id": user.pk, "entry_point": "chat", "model": "x"})
+    Reservation.objects.filter(pk=hold.pk).update(created_at=hold.created_at - timedelta(hours=2))
+    out = io.StringIO()
+    call_command("reconcile_reservations", stdout=out)
+    assert "released 1" in out.getvalue()
+    account.refresh_from_db()
+    assert account.reserved == 0 and account.balance == 1
+    assert Reservation.objects.get().status == "released"

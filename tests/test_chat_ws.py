@@ -1,0 +1,225 @@
+"""Websocket chat through Channels' WebsocketCommunicator against the real ASGI app (auth, origin check)."""
+
+import asyncio
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from aiwriter.asgi import application
+from conversations import locks
+from conversations.models import Conversation, Message
+from tests.factories import make_api_key
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 5
+
+
+async def _connect(raw_key: str | None = None, origin: str = "http://127.0.0.1") -> WebsocketCommunicator:
+    headers = [(b"origin", origin.encode()), (b"host", b"127.0.0.1")]
+    if raw_key:
+        headers.append((b"authorization", f"Bearer {raw_key}".encode()))
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected
+    return communicator
+
+
+@pytest.fixture
+def alice_key(alice):
+    return make_api_key(alice)[1]
+
+
+@pytest.fixture
+def bob_key(bob):
+    return make_api_key(bob)[1]
+
+
+async def _until(communicator, frame_type: str, limit: int = 2000) -> list[dict]:
+    frames = []
+    for _ in range(limit):
+        frame = await communicator.receive_json_from(timeout=TIMEOUT)
+        frames.append(frame)
+        if frame["type"] == frame_type:
+            return frames
+    raise AssertionError(f"no {frame_type} frame in {frames[-5:]}")
+
+
+def _message(content="Hello there", **extra):
+    return {"type": "message", "conversation": None, "agent": "helper", "content": content,
+            "client_id": "7b8f6a52-1d41-4c57-9f0e-2c5b3c0d1a11", **extra}
+
+
+async def test_unauthenticated_socket_is_closed_with_4401(db):
+    communicator = await _connect()
+    output = await communicator.receive_output(timeout=TIMEOUT)
+    assert output == {"type": "websocket.close", "code": 4401}
+
+
+async def test_streams_thinking_generating_deltas_done_with_real_usage(alice_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", chunk_delay=0.001)
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    frames = await _until(communicator, "done")
+    await communicator.disconnect()
+
+    reply = await Message.objects.select_related("conversation").aget(role="assistant")
+    assert frames[0] == {"type": "status", "status": "thinking", "conversation": reply.conversation_id,
+                         "message": reply.pk}
+    assert frames[1]["type"] == "status" and frames[1]["status"] == "generating"
+    deltas = [f for f in frames if f["type"] == "delta"]
+    assert len(deltas) >= 2 and all(f["message"] == reply.pk for f in deltas)
+    assert "".join(f["content"] for f in deltas) == reply.content == "Echo. System: You help alice. | User: Hello there"
+    done = frames[-1]
+    assert done["message"] == reply.pk and done["status"] == "success" and done["fallback"] is False
+    assert done["model"] == "chat-model" and done["cost"] == str(reply.cost)
+    usage = done["usage"]
+    assert usage["estimated"] is False and usage["completion_tokens"] == reply.completion_tokens > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] == reply.prompt_tokens > 0
+    assert not await sync_to_async(locks.is_locked)(reply.conversation_id, reply.conversation.owner_id)
+
+
+async def test_malformed_frames_get_bad_request_and_the_socket_stays_open(alice_key, chat_agent, fake_upstream):
+    communicator = await _connect(alice_key)
+    for raw in ["not json", "[1, 2]", json.dumps({"type": "nope"}), json.dumps({"type": "message", "content": 5}),
+                json.dumps({"type": "cancel", "conversation": "x"}), "x" * 300_000]:
+        await communicator.send_to(text_data=raw)
+        frame = await communicator.receive_json_from(timeout=TIMEOUT)
+        assert frame["type"] == "error" and frame["code"] == "bad_request" and frame["retryable"] is False
+    await communicator.send_json_to(_message())
+    assert (await _until(communicator, "done"))[-1]["status"] == "success"
+    await communicator.disconnect()
+
+
+async def test_second_tab_sees_the_same_stream(alice_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", latency=0.3)
+    conversation = await sync_to_async(_make_conversation)(chat_agent)
+    tab1, tab2 = await _connect(alice_key), await _connect(alice_key)
+    await tab2.send_json_to({"type": "subscribe", "conversation": conversation.pk})
+    assert await tab2.receive_json_from(timeout=TIMEOUT) == {"type": "subscribed", "conversation": conversation.pk}
+    await tab1.send_json_to(_message(conversation=conversation.pk))
+    seen1, seen2 = await _until(tab1, "done"), await _until(tab2, "done")
+    text = "".join(f["content"] for f in seen2 if f["type"] == "delta")
+    assert text == "".join(f["content"] for f in seen1 if f["type"] == "delta") and text.startswith("Echo.")
+    assert seen2[0]["status"] == "thinking"
+    await tab1.disconnect()
+    await tab2.disconnect()
+
+
+def _make_conversation(agent, owner=None):
+    owner = owner or __import__("django.contrib.auth", fromlist=["get_user_model"]).get_user_model().objects.get(
+        username="alice")
+    return Conversation.objects.create(owner=owner, agent=agent)
+
+
+async def test_bob_cannot_subscribe_post_or_cancel_in_alices_conversation(alice, bob_key, chat_agent, fake_upstream):
+    conversation = await sync_to_async(_make_conversation)(chat_agent, alice)
+    communicator = await _connect(bob_key)
+    for frame in ({"type": "subscribe", "conversation": conversation.pk},
+                  _message(conversation=conversation.pk),
+                  {"type": "cancel", "conversation": conversation.pk}):
+        await communicator.send_json_to(frame)
+        reply = await communicator.receive_json_from(timeout=TIMEOUT)
+        assert reply["type"] == "error" and reply["code"] == "not_found"
+    assert await Message.objects.filter(conversation=conversation).acount() == 0
+    assert fake_upstream.requests == []
+    await communicator.disconnect()
+
+
+async def test_cancel_mid_stream_keeps_text_and_frees_the_lock(alice_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", tokens=400, chunk_delay=0.01)
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    frames = await _until(communicator, "delta")
+    conversation_id = frames[0]["conversation"]
+    await communicator.send_json_to({"type": "cancel", "conversation": conversation_id})
+    frames = await _until(communicator, "error")
+    assert frames[-1]["code"] == "cancelled" and frames[-1]["retryable"] is True
+    await communicator.disconnect()
+    reply = await Message.objects.select_related("conversation").aget(role="assistant")
+    assert reply.status == "error" and reply.content.startswith("Echo") and reply.completion_tokens > 0
+    assert reply.usage_estimated and reply.conversation.total_tokens == 0
+    assert not await sync_to_async(locks.is_locked)(conversation_id, reply.conversation.owner_id)
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_disconnect_mid_stream_leaves_a_consistent_message_and_a_free_lock(alice, alice_key, chat_agent,
+                                                                                  fake_upstream):
+    from usage.models import UsageRecord
+
+    fake_upstream.configure("chat-model", tokens=400, chunk_delay=0.01)
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    frames = await _until(communicator, "delta")
+    await communicator.disconnect(timeout=TIMEOUT)
+    reply = await Message.objects.select_related("conversation", "reply_to").aget(role="assistant")
+    assert reply.status == "error" and reply.content.startswith("Echo") and reply.error_message
+    assert reply.reply_to.status == "error"
+    assert not await sync_to_async(locks.is_locked)(frames[0]["conversation"], alice.pk)
+    assert await UsageRecord.objects.filter(message=reply).acount() == 1  # usage recorded for the partial reply
+    # The conversation takes a new message at once.
+    again = await _connect(alice_key)
+    fake_upstream.configure("chat-model", tokens=5, chunk_delay=0)
+    await again.send_json_to(_message("next", conversation=frames[0]["conversation"], client_id="c2"))
+    assert (await _until(again, "done"))[-1]["status"] == "success"
+    await again.disconnect()
+
+
+async def test_busy_conversation_is_refused_on_the_socket(alice_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", latency=0.5)
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    first = await communicator.receive_json_from(timeout=TIMEOUT)
+    await communicator.send_json_to(_message("again", conversation=first["conversation"], client_id="other"))
+    frames = await _until(communicator, "error")
+    assert frames[-1]["code"] == "conversation_busy" and frames[-1]["retryable"] is True
+    assert (await _until(communicator, "done"))[-1]["status"] == "success"
+    await communicator.disconnect()
+
+
+async def test_insufficient_balance_is_told_on_the_socket(alice_key, fake_upstream):
+    from tests.factories import make_agent, make_fake_model
+
+    def setup():
+        make_agent("helper", model=make_fake_model(fake_upstream, "dear", input_price="500", output_price="500"))
+
+    await sync_to_async(setup)()
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    frames = await _until(communicator, "error")
+    assert frames[-1]["code"] == "insufficient_balance" and frames[-1]["retryable"] is False
+    reply = await Message.objects.aget(pk=frames[-1]["message"])
+    assert reply.status == "insufficient_balance" and fake_upstream.requests == []
+    await communicator.disconnect()
+
+
+async def test_same_client_id_replays_the_outcome(alice_key, chat_agent, fake_upstream):
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    done = (await _until(communicator, "done"))[-1]
+    await communicator.send_json_to(_message(conversation=(await Conversation.objects.aget()).pk))
+    again = await _until(communicator, "done")
+    assert again[-1] == done and len(fake_upstream.requests) == 1
+    await communicator.disconnect()
+    await asyncio.sleep(0)
+
+
+async def test_a_foreign_origin_is_rejected(alice_key):
+    headers = [(b"origin", b"http://evil.example"), (b"authorization", f"Bearer {alice_key}".encode())]
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert not connected
+
+
+async def test_blocked_content_is_refused_on_the_socket(alice_key, chat_agent, fake_upstream, settings):
+    settings.MODERATION_BLOCKLIST = ["forbidden"]
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message("something forbidden"))
+    frame = (await _until(communicator, "error"))[-1]
+    assert frame["code"] == "content_violation" and frame["retryable"] is False
+    assert (await Message.objects.aget(pk=frame["message"])).status == "content_violation"
+    assert fake_upstream.requests == []
+    await communicator.disconnect()

@@ -1,0 +1,97 @@
+"""/api/conversations/: create with dedupe, list filter, detail, update, soft delete, and BOLA everywhere."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from conversations.models import Conversation, Message
+from tests.factories import make_agent
+
+pytestmark = pytest.mark.django_db
+
+
+def _create(client, agent, **body):
+    return client.post("/api/conversations/", {"agent": agent.slug, **body}, format="json")
+
+
+def test_create_returns_201_then_the_same_conversation_with_200_within_5_minutes(alice_client, chat_agent):
+    first = _create(alice_client, chat_agent, project="p1")
+    again = _create(alice_client, chat_agent, project="p1")
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["agent"] == "helper"
+    assert Conversation.objects.count() == 1
+
+
+def test_dedupe_ends_after_5_minutes(alice_client, chat_agent):
+    first = _create(alice_client, chat_agent).json()["id"]
+    Conversation.objects.filter(pk=first).update(created_at=timezone.now() - timedelta(minutes=5, seconds=1))
+    second = _create(alice_client, chat_agent)
+    assert second.status_code == 201 and second.json()["id"] != first
+
+
+def test_dedupe_is_per_user_agent_and_project(alice_client, bob_client, chat_agent, chat_model):
+    other_agent = make_agent("other", model=chat_model)
+    ids = {_create(alice_client, chat_agent).json()["id"], _create(alice_client, chat_agent, project="x").json()["id"],
+           _create(alice_client, other_agent).json()["id"], _create(bob_client, chat_agent).json()["id"]}
+    assert len(ids) == 4
+
+
+def test_unknown_agent_is_a_400(alice_client, db):
+    response = alice_client.post("/api/conversations/", {"agent": "nobody"}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unknown_agent"
+
+
+def test_list_shows_only_conversations_with_a_successful_reply_newest_first(alice, alice_client, chat_agent,
+                                                                           fake_upstream):
+    empty = Conversation.objects.create(owner=alice, agent=chat_agent)
+    failed = Conversation.objects.create(owner=alice, agent=chat_agent, project="f")
+    Message.objects.create(conversation=failed, role="assistant", status="llm_error", sequence=1)
+    older = _create(alice_client, chat_agent, project="a").json()["id"]
+    newer = _create(alice_client, chat_agent, project="b").json()["id"]
+    for cid in (newer, older):  # `older` gets the latest activity
+        assert alice_client.post(f"/api/conversations/{cid}/messages/", {"content": "hi"},
+                                 format="json").status_code == 201
+    body = alice_client.get("/api/conversations/").json()
+    assert [c["id"] for c in body["results"]] == [older, newer] and body["count"] == 2
+    assert empty.pk not in [c["id"] for c in body["results"]]
+    page = alice_client.get("/api/conversations/?limit=1").json()
+    assert len(page["results"]) == 1 and page["next"]
+
+
+def test_detail_update_and_soft_delete(alice_client, chat_agent):
+    cid = _create(alice_client, chat_agent, title="Draft").json()["id"]
+    assert alice_client.get(f"/api/conversations/{cid}/").json()["title"] == "Draft"
+    patched = alice_client.patch(f"/api/conversations/{cid}/", {"title": "Final"}, format="json")
+    assert patched.json()["title"] == "Final"
+    assert alice_client.delete(f"/api/conversations/{cid}/").status_code == 204
+    assert Conversation.objects.get(pk=cid).deleted_at is not None
+    assert alice_client.get(f"/api/conversations/{cid}/").status_code == 404
+    assert _create(alice_client, chat_agent).json()["id"] != cid  # a deleted conversation is not reused
+
+
+def test_bob_gets_404_for_everything_of_alices(alice_client, bob_client, chat_agent, fake_upstream):
+    cid = _create(alice_client, chat_agent).json()["id"]
+    fake_upstream.configure("chat-model", status=500)
+    failed = alice_client.post(f"/api/conversations/{cid}/messages/", {"content": "hi"}, format="json")
+    mid = failed.json()["error"]["message_id"]
+    calls = len(fake_upstream.requests)
+    for method, url, body in [
+        ("get", f"/api/conversations/{cid}/", None),
+        ("patch", f"/api/conversations/{cid}/", {"title": "mine"}),
+        ("delete", f"/api/conversations/{cid}/", None),
+        ("get", f"/api/conversations/{cid}/messages/", None),
+        ("post", f"/api/conversations/{cid}/messages/", {"content": "hi"}),
+        ("post", f"/api/conversations/{cid}/messages/{mid}/retry/", None),
+    ]:
+        response = getattr(bob_client, method)(url, body, format="json")
+        assert response.status_code == 404, (method, url)
+        assert response.json()["error"]["code"] == "not_found"
+    assert bob_client.get("/api/conversations/").json()["count"] == 0
+    conversation = Conversation.objects.get(pk=cid)
+    assert conversation.title != "mine" and conversation.deleted_at is None and conversation.message_count == 2
+    assert len(fake_upstream.requests) == calls
+
+
+def test_anonymous_requests_are_refused(client, db):
+    assert client.get("/api/conversations/").status_code in (401, 403)

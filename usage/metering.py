@@ -1,0 +1,206 @@
+"""Metered model calls: every call from every entry point goes through here exactly once.
+
+    ctx = CallContext(user=user, entry_point="chat", conversation=conv, message=msg)
+    async for item in metered_stream(ctx, request):   # TextDelta..., then one MeteredResult
+        ...
+    metered = await metered_complete(ctx, request)
+
+Before the call: quota and balance checks, and a reservation of the worst-case cost; raises
+InsufficientBalance / QuotaExceeded / KeyBudgetExceeded (usage.errors) without calling the model.
+After: one UsageRecord and (unless debug) the charge, in one transaction. On LLMError the failure is
+recorded and the error re-raised with `.usage_record` set. A stream closed early by the caller
+(aclose / cancellation) is recorded as partial and billed per CUTOFF_BILLING_POLICY.
+
+Billing of each outcome:
+- success: measured (or, without an upstream usage chunk, estimated) tokens; a response-cache hit costs 0;
+- cut off by the caller, or an LLMError after some text was delivered: `partial`, charged per the policy —
+  "delivered": prompt + the text actually delivered; "drain": keep reading the upstream (up to
+  CUTOFF_DRAIN_MAX_SECONDS) and bill its final usage. Never an error text, never zero for delivered text;
+- an LLMError before any text: recorded as an error with the cost of tokens the upstream reported, not charged.
+If writing the record fails after the upstream answered, the hold stays (with the outcome saved on it) for
+`manage.py reconcile_reservations`: never a free call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import DatabaseError
+
+from agents.llm import service, tokens
+from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
+from usage import services
+from usage.models import UsageRecord
+from usage.services import CallOutcome, CallPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CallContext:
+    user: Any
+    entry_point: str
+    api_key: Any = None
+    project: str = ""
+    agent: Any = None
+    conversation: Any = None
+    message: Any = None
+    debug: bool = False  # staff debug run: logged with its cost, never charged
+    workflow_type: str = ""
+    now: datetime | None = None  # the call's start time (tests pass it to pin the quota month and the price)
+
+
+@dataclass
+class MeteredResult:
+    result: ChatResult
+    record: UsageRecord
+    cost: Decimal
+    # True when the record could not be written (database error): `record` is unsaved and the hold waits for
+    # `reconcile_reservations`, which writes the record and charges it.
+    pending_reconcile: bool = False
+
+
+def _finish(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
+    """Writes the record and the charge; on a database error keeps the hold for reconcile. Returns (record, pending)."""
+    meta = services.call_meta(ctx)
+    try:
+        record, alerts = services.record_call(meta=meta, plan=plan, outcome=outcome)
+    except DatabaseError:
+        logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
+                         meta["user_id"], plan.reservation_id)
+        try:
+            saved = services.save_pending_result(plan=plan, outcome=outcome)
+        except DatabaseError:
+            saved = False
+        if not saved:
+            logger.error("call outcome not saved (hold %s): %s", plan.reservation_id, outcome.as_json())
+        unsaved = UsageRecord(user_id=meta["user_id"], model=outcome.model, provider=outcome.provider,
+                              prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                              total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+                              token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,
+                              cost=services.outcome_cost(plan, outcome))
+        return unsaved, True
+    services.deliver_alerts(alerts)  # after the commit, never inside the money transaction
+    return record, False
+
+
+def _success_outcome(result: ChatResult) -> CallOutcome:
+    return CallOutcome(
+        status=UsageRecord.Status.SUCCESS, model=result.model, provider=result.provider,
+        upstream_model=result.upstream_model, prompt_tokens=result.usage.prompt_tokens,
+        cached_prompt_tokens=result.usage.cached_prompt_tokens, completion_tokens=result.usage.completion_tokens,
+        token_source=result.usage.source, cache_hit=result.cache_hit, fallback=result.fallback,
+        latency_ms=result.latency_ms, ttft_ms=result.ttft_ms,
+        metadata={"fallback_reason": result.fallback_reason} if result.fallback_reason else {},
+    )
+
+
+def _delivered_outcome(request: ChatRequest, delivered: str, *, status: str, partial: ChatResult | None,
+                       error_code: str, started: float, ttft_ms: int | None) -> CallOutcome:
+    """Prompt + the text the caller actually received (never an error text); billable iff text was delivered."""
+    model = partial.model if partial else request.model
+    counter_model = (partial.upstream_model if partial and partial.upstream_model else model)
+    prompt = partial.usage.prompt_tokens if partial and partial.usage.prompt_tokens else \
+        tokens.count_messages(request.messages, counter_model)
+    completion = tokens.count_text(delivered, counter_model)
+    billable = completion > 0
+    measured_prompt = bool(partial and partial.usage.source == "measured" and partial.usage.prompt_tokens)
+    return CallOutcome(
+        status=status, model=model, provider=partial.provider if partial else "",
+        upstream_model=partial.upstream_model if partial else "",
+        # Failed before any text: keep the upstream-reported prompt cost on the record (not charged), if any.
+        prompt_tokens=prompt if (billable or measured_prompt) else 0,
+        cached_prompt_tokens=partial.usage.cached_prompt_tokens if partial else 0,
+        completion_tokens=completion, billable=billable,
+        token_source=UsageRecord.TokenSource.PARTIAL if billable else
+        (UsageRecord.TokenSource.MEASURED if measured_prompt else UsageRecord.TokenSource.ESTIMATED),
+        fallback=partial.fallback if partial else False, error_code=error_code,
+        latency_ms=int((time.monotonic() - started) * 1000), ttft_ms=ttft_ms,
+    )
+
+
+async def _drain(inner: AsyncIterator, delivered: list[str]) -> ChatResult | None:
+    """Reads on after the caller left, up to CUTOFF_DRAIN_MAX_SECONDS, for the upstream's final usage."""
+    try:
+        async with asyncio.timeout(settings.CUTOFF_DRAIN_MAX_SECONDS):
+            async for item in inner:
+                if isinstance(item, ChatResult):
+                    return item
+                delivered.append(item.content)  # generated and paid upstream, though not shown
+    except (TimeoutError, LLMError):
+        return None
+    return None
+
+
+async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
+    # Shielded: a second cancellation of the caller must not lose the record of a call the upstream served.
+    return await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
+
+
+async def metered_stream(ctx: CallContext, request: ChatRequest) -> AsyncIterator[TextDelta | MeteredResult]:
+    plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)
+    started = time.monotonic()
+    ttft_ms: int | None = None
+    delivered: list[str] = []
+    inner = service.stream(request)
+    final: ChatResult | None = None
+    try:
+        async for item in inner:
+            if isinstance(item, ChatResult):
+                final = item
+                continue
+            if ttft_ms is None:
+                ttft_ms = int((time.monotonic() - started) * 1000)
+            delivered.append(item.content)
+            yield item
+    except LLMError as exc:
+        outcome = _delivered_outcome(request, "".join(delivered), status=UsageRecord.Status.ERROR,
+                                     partial=exc.partial, error_code=exc.code, started=started, ttft_ms=ttft_ms)
+        exc.usage_record, _ = await _record(ctx, plan, outcome)
+        raise
+    except (GeneratorExit, asyncio.CancelledError):
+        # The caller left mid-stream (aclose or cancellation): bill per the cut-off policy, then let it go.
+        drained = None
+        if settings.CUTOFF_BILLING_POLICY == "drain":
+            drained = await _drain(inner, delivered)
+        await inner.aclose()
+        if drained is not None:
+            outcome = _success_outcome(drained)
+            outcome.status, outcome.token_source = UsageRecord.Status.CANCELLED, UsageRecord.TokenSource.PARTIAL
+        else:
+            outcome = _delivered_outcome(request, "".join(delivered), status=UsageRecord.Status.CANCELLED,
+                                         partial=None, error_code="client_closed", started=started, ttft_ms=ttft_ms)
+        await _record(ctx, plan, outcome)
+        raise
+    except Exception as exc:
+        # A bug below us, not an upstream failure: release the hold, keep a record, re-raise.
+        outcome = _delivered_outcome(request, "".join(delivered), status=UsageRecord.Status.ERROR, partial=None,
+                                     error_code=type(exc).__name__[:50], started=started, ttft_ms=ttft_ms)
+        await _record(ctx, plan, outcome)
+        raise
+    if final is None:  # the service layer promises a ChatResult; treat its absence as a failure
+        err = LLMError("The model returned no result.", code="no_result")
+        outcome = _delivered_outcome(request, "".join(delivered), status=UsageRecord.Status.ERROR, partial=None,
+                                     error_code=err.code, started=started, ttft_ms=ttft_ms)
+        err.usage_record, _ = await _record(ctx, plan, outcome)
+        raise err
+    record, pending = await _record(ctx, plan, _success_outcome(final))
+    yield MeteredResult(result=final, record=record, cost=record.cost, pending_reconcile=pending)
+
+
+async def metered_complete(ctx: CallContext, request: ChatRequest) -> MeteredResult:
+    final = None
+    async for item in metered_stream(ctx, request):
+        if isinstance(item, MeteredResult):
+            final = item
+    assert final is not None
+    return final
