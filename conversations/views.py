@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
 from rest_framework import status
 from rest_framework.generics import GenericAPIView
 from rest_framework.response import Response
@@ -43,6 +45,7 @@ class ConversationListView(GenericAPIView):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(ConversationSerializer(page, many=True).data)
 
+    @extend_schema(request=ConversationCreateInput, responses={200: ConversationSerializer, 201: ConversationSerializer})
     def post(self, request):
         data = ConversationCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -55,6 +58,11 @@ class ConversationListView(GenericAPIView):
         return Response(ConversationSerializer(conversation).data, status=201 if created else 200)
 
 
+@extend_schema_view(
+    get=extend_schema(operation_id="conversations_detail", responses=ConversationSerializer),
+    patch=extend_schema(request=ConversationUpdateInput, responses=ConversationSerializer),
+    delete=extend_schema(responses={204: None}),
+)
 class ConversationDetailView(APIView):
     def get(self, request, conversation_id: int):
         conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
@@ -85,6 +93,7 @@ class MessageListView(GenericAPIView):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(MessageSerializer(page, many=True).data)
 
+    @extend_schema(request=MessageCreateInput, responses={200: MessageSerializer, 201: MessageSerializer})
     def post(self, request, conversation_id: int):
         conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
         data = MessageCreateInput(data=request.data)
@@ -96,6 +105,7 @@ class MessageListView(GenericAPIView):
 
 
 class MessageRetryView(APIView):
+    @extend_schema(request=None, responses={200: MessageSerializer, 201: MessageSerializer})
     def post(self, request, conversation_id: int, message_id: int):
         conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
         message = selectors.message_for(conversation=conversation, message_id=message_id)
@@ -104,6 +114,11 @@ class MessageRetryView(APIView):
 
 
 class MemoryView(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("q", OpenApiTypes.STR, required=True),
+                    OpenApiParameter("k", OpenApiTypes.INT)],
+        responses=inline_serializer("MemorySearchResult", {"results": MemoryHitSerializer(many=True)}),
+    )
     def get(self, request):
         query = request.query_params.get("q", "").strip()
         if not query:

@@ -285,9 +285,9 @@ class FakeOpenAI:
             data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [], "usage": self._usage(prompt, len(ids), knobs)}
             await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        self.served[model] += 1  # counted before [DONE] so a client that has read it sees the count
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        self.served[model] += 1
         return response
 
     # --- running -------------------------------------------------------------------------
