@@ -45,7 +45,8 @@ class ConversationListView(GenericAPIView):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(ConversationSerializer(page, many=True).data)
 
-    @extend_schema(request=ConversationCreateInput, responses={200: ConversationSerializer, 201: ConversationSerializer})
+    @extend_schema(request=ConversationCreateInput,
+                   responses={200: ConversationSerializer, 201: ConversationSerializer})
     def post(self, request):
         data = ConversationCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
