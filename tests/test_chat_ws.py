@@ -73,6 +73,8 @@ async def test_streams_thinking_generating_deltas_done_with_real_usage(alice_key
     assert len(deltas) >= 2 and all(f["message"] == reply.pk for f in deltas)
     assert "".join(f["content"] for f in deltas) == reply.content == "Echo. System: You help alice. | User: Hello there"
     done = frames[-1]
+    assert set(done) == {"type", "message", "status", "usage", "cost", "model", "fallback"}  # the public shape
+    assert set(done["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}
     assert done["message"] == reply.pk and done["status"] == "success" and done["fallback"] is False
     assert done["model"] == "chat-model" and done["cost"] == str(reply.cost)
     usage = done["usage"]
@@ -85,10 +87,19 @@ async def test_streams_thinking_generating_deltas_done_with_real_usage(alice_key
 async def test_malformed_frames_get_bad_request_and_the_socket_stays_open(alice_key, chat_agent, fake_upstream):
     communicator = await _connect(alice_key)
     for raw in ["not json", "[1, 2]", json.dumps({"type": "nope"}), json.dumps({"type": "message", "content": 5}),
-                json.dumps({"type": "cancel", "conversation": "x"}), "x" * 300_000]:
-        await communicator.send_to(text_data=raw)
+                json.dumps({"type": "cancel", "conversation": "x"}), json.dumps({"type": "subscribe"}),
+                json.dumps({"type": "message", "conversation": True, "content": "hi"}),
+                json.dumps({"type": "message", "content": "hi"}),  # no conversation and no agent
+                json.dumps({"type": "message", "agent": "helper", "content": "hi", "client_id": 7}),
+                "x" * 300_000, b"\x00binary"]:
+        if isinstance(raw, bytes):
+            await communicator.send_to(bytes_data=raw)
+        else:
+            await communicator.send_to(text_data=raw)
         frame = await communicator.receive_json_from(timeout=TIMEOUT)
+        assert set(frame) == {"type", "code", "message_text", "retryable"}  # no reply exists: no "message"
         assert frame["type"] == "error" and frame["code"] == "bad_request" and frame["retryable"] is False
+        assert frame["message_text"]
     await communicator.send_json_to(_message())
     assert (await _until(communicator, "done"))[-1]["status"] == "success"
     await communicator.disconnect()
@@ -223,3 +234,85 @@ async def test_blocked_content_is_refused_on_the_socket(alice_key, chat_agent, f
     assert (await Message.objects.aget(pk=frame["message"])).status == "content_violation"
     assert fake_upstream.requests == []
     await communicator.disconnect()
+
+
+async def test_a_session_cookie_authenticates_the_socket(alice, chat_agent, fake_upstream):
+    from django.conf import settings
+    from django.test import Client
+
+    def login_cookie():
+        client = Client()
+        client.force_login(alice)
+        return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+    cookie = await sync_to_async(login_cookie)()
+    headers = [(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1"),
+               (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode())]
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    assert (await communicator.connect(timeout=TIMEOUT))[0]
+    await communicator.send_json_to(_message())
+    done = (await _until(communicator, "done"))[-1]
+    assert done["status"] == "success"
+    reply = await Message.objects.select_related("conversation").aget(pk=done["message"])
+    assert reply.conversation.owner_id == alice.pk
+    await communicator.disconnect()
+
+
+async def test_an_unknown_or_revoked_key_is_closed_with_4401(alice, db):
+    from django.utils import timezone
+
+    from usage.models import ApiKey
+
+    communicator = await _connect("aiw_not-a-real-key")
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+    key, raw = await sync_to_async(make_api_key)(alice)
+    await ApiKey.objects.filter(pk=key.pk).aupdate(revoked_at=timezone.now())
+    communicator = await _connect(raw)
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_a_socket_without_an_origin_header_is_rejected(alice_key):
+    # Browsers always send Origin on a websocket handshake; we require it and check it against ALLOWED_HOSTS.
+    communicator = WebsocketCommunicator(application, "/ws/chat/",
+                                         headers=[(b"authorization", f"Bearer {alice_key}".encode())])
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert not connected
+
+
+async def test_messages_are_stored_pending_and_processing_before_the_model_answers(alice, alice_key, chat_agent,
+                                                                                  fake_upstream):
+    from rest_framework.test import APIClient
+
+    fake_upstream.configure("chat-model", latency=1.0)
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    thinking = await communicator.receive_json_from(timeout=TIMEOUT)
+    assert thinking["status"] == "thinking"
+
+    def listed():
+        client = APIClient()
+        client.force_authenticate(alice)
+        return client.get(f"/api/conversations/{thinking['conversation']}/messages/").json()["results"]
+
+    user_message, reply = await sync_to_async(listed)()
+    assert (user_message["status"], user_message["content"], user_message["error_display"]) == (
+        "pending", "Hello there", None)
+    assert (reply["id"], reply["status"], reply["error_display"]) == (thinking["message"], "processing", None)
+    assert await sync_to_async(locks.is_locked)(thinking["conversation"], alice.pk)
+    assert (await _until(communicator, "done"))[-1]["status"] == "success"
+    statuses = [m["status"] for m in await sync_to_async(listed)()]
+    assert statuses == ["success", "success"]
+    await communicator.disconnect()
+
+
+async def test_bob_cannot_cancel_alices_generation_through_the_group(alice_key, bob_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", tokens=60, chunk_delay=0.01)
+    alice_socket, bob_socket = await _connect(alice_key), await _connect(bob_key)
+    await alice_socket.send_json_to(_message())
+    conversation_id = (await alice_socket.receive_json_from(timeout=TIMEOUT))["conversation"]
+    await bob_socket.send_json_to({"type": "cancel", "conversation": conversation_id})
+    assert (await bob_socket.receive_json_from(timeout=TIMEOUT))["code"] == "not_found"
+    assert (await _until(alice_socket, "done"))[-1]["status"] == "success"
+    assert await bob_socket.receive_nothing(timeout=0.2)  # bob saw none of alice's frames
+    await alice_socket.disconnect()
+    await bob_socket.disconnect()
