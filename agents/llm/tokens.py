@@ -12,17 +12,36 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
 
+DEFAULT_ENCODING = "o200k_base"
+# Model-name prefixes as tiktoken maps them (bpe-openai only knows exact names, and its
+# encoding_for_model() rejects even those); anything unknown (qwen, deepseek, ...) gets o200k_base.
+_PREFIXES = (
+    ("gpt-4o", "o200k_base"), ("chatgpt-4o", "o200k_base"), ("gpt-4.1", "o200k_base"), ("gpt-4.5", "o200k_base"),
+    ("gpt-5", "o200k_base"), ("gpt-oss", "o200k_base"), ("o1", "o200k_base"), ("o3", "o200k_base"),
+    ("o4", "o200k_base"), ("gpt-4", "cl100k_base"), ("gpt-3.5", "cl100k_base"), ("gpt-35", "cl100k_base"),
+    ("text-embedding-3", "cl100k_base"), ("text-embedding-ada-002", "cl100k_base"),
+)
+
 
 @lru_cache(maxsize=8)
 def _encoding(name: str):
     return bpe_openai.get_encoding(name)
 
 
-def encoding_for(model: str) -> Any:
+@lru_cache(maxsize=512)
+def encoding_name_for(model: str) -> str:
+    """The vocabulary a model name uses: exact names from bpe-openai, then tiktoken's prefixes."""
+    name = model.rsplit("/", 1)[-1].lower().removeprefix("ft:")  # "openai/gpt-4o", "ft:gpt-4o-mini:org::id"
     try:
-        return bpe_openai.encoding_for_model(model)
-    except Exception:  # noqa: BLE001 - unknown names use the current default vocabulary
-        return _encoding("o200k_base")
+        found = bpe_openai.encoding_name_for_model(name)
+    except Exception:  # noqa: BLE001 - not an exact name: try the prefixes
+        found = next((enc for prefix, enc in _PREFIXES if name.startswith(prefix)), DEFAULT_ENCODING)
+    # Chat models use one of these two; pre-chat vocabularies (p50k, gpt2) are not worth loading.
+    return found if found in ("o200k_base", "cl100k_base") else DEFAULT_ENCODING
+
+
+def encoding_for(model: str) -> Any:
+    return _encoding(encoding_name_for(model or ""))
 
 
 def count_text(text: str, model: str = "") -> int:
