@@ -68,9 +68,11 @@ def set_model_price(model: LLMModel, *, input_per_million: Decimal, output_per_m
     if price is not None and (price.input_per_million, price.output_per_million, price.cached_input_per_million) == (
             input_per_million, output_per_million, cached_input_per_million):
         return None
-    return ModelPrice.objects.create(model=model, input_per_million=input_per_million,
-                                     output_per_million=output_per_million,
-                                     cached_input_per_million=cached_input_per_million, effective_from=now)
+    row = ModelPrice(model=model, input_per_million=input_per_million, output_per_million=output_per_million,
+                     cached_input_per_million=cached_input_per_million, effective_from=now)
+    _clean(row)  # negative, absurd or over-precise prices are a 400, not a lock-out
+    row.save()
+    return row
 
 
 def _set_deployments(model: LLMModel, deployments: list[dict[str, Any]]) -> None:

@@ -85,12 +85,12 @@ def test_changing_a_price_adds_a_row_effective_now(staff):
     before = timezone.now()
     assert staff.patch("/api/models/priced/", {"context_window": 4096}, format="json").status_code == 200
     assert ModelPrice.objects.filter(model=model).count() == 1  # no price given: no new row
-    response = staff.patch("/api/models/priced/", {"output_price_per_million": "3.000001"}, format="json")
-    assert response.json()["output_price_per_million"] == "3.000001"
+    response = staff.patch("/api/models/priced/", {"output_price_per_million": "3.0001"}, format="json")
+    assert response.json()["output_price_per_million"] == "3.0001"
     assert response.json()["input_price_per_million"] == "1"
     rows = list(ModelPrice.objects.filter(model=model).order_by("effective_from"))
     assert len(rows) == 2 and rows[1].effective_from >= before and rows[0].output_per_million == Decimal("2")
-    staff.patch("/api/models/priced/", {"output_price_per_million": "3.000001"}, format="json")
+    staff.patch("/api/models/priced/", {"output_price_per_million": "3.0001"}, format="json")
     assert ModelPrice.objects.filter(model=model).count() == 2  # same price: unchanged
 
 

@@ -87,3 +87,22 @@ def test_price_change_does_not_alter_past_costs():
     first.refresh_from_db()
     assert first.cost == Decimal("0.002") and late_started.cost == Decimal("0.002")
     assert after.cost == Decimal("0.005")
+
+
+@pytest.mark.django_db
+def test_staff_api_refuses_bad_prices_with_400_and_keeps_the_old_one(api_client):
+    model = make_model("guarded", input_price="1", output_price="2")
+    api_client.force_authenticate(make_user(staff=True))
+    for field, bad in (("output_price_per_million", "10000.5"), ("input_price_per_million", "0.00001"),
+                       ("output_price_per_million", "-1")):
+        response = api_client.patch("/api/models/guarded/", {field: bad}, format="json")
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid", (field, bad)
+    assert ModelPrice.objects.filter(model=model).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_bad_price_cannot_be_saved_by_any_path():
+    model = make_model()
+    with pytest.raises(ValidationError):
+        ModelPrice.objects.create(model=model, input_per_million=Decimal("50000"), output_per_million=0,
+                                  effective_from=timezone.now())

@@ -192,3 +192,43 @@ def test_concurrent_calls_fire_each_alert_once():
     assert len(mail.outbox) == 2
     # Calls checked before the counter reached the limit may still finish: never more than the in-flight ones.
     assert 10 <= results.count(True) <= 10 + 8
+
+
+# --- The same, with the real clock frozen (no `now=` passed anywhere: timezone.now() itself is pinned) ------------
+
+@pytest.mark.parametrize(("zone", "last_ms_local"), [
+    ("Asia/Shanghai", datetime(2027, 1, 31, 23, 59, 59, 999000)),  # the last millisecond of January
+    ("Asia/Shanghai", datetime(2028, 2, 29, 23, 59, 59, 999000)),  # ... of February in a leap year
+    ("Europe/Berlin", datetime(2027, 3, 31, 23, 59, 59, 999000)),  # March began on CET (UTC+1), ends on CEST (+2)
+    ("Europe/Berlin", datetime(2027, 10, 31, 23, 59, 59, 999000)),  # October began on CEST, ends on CET
+    ("America/New_York", datetime(2027, 11, 30, 23, 59, 59, 999000)),  # November began on EDT, ends on EST
+])
+def test_frozen_clock_quota_resets_at_local_midnight_on_the_first(settings, api_client, zone, last_ms_local):
+    import time_machine
+
+    settings.QUOTA_TIME_ZONE = zone
+    tz = ZoneInfo(zone)
+    last_ms = last_ms_local.replace(tzinfo=tz)
+    first_ms = last_ms_local.replace(day=1, hour=0, minute=0, second=0, microsecond=0, tzinfo=tz)
+    old, new = first_ms.date(), periods.next_month(first_ms.date())
+    user = make_user()
+    Quota.objects.create(user=user, monthly_token_limit=100)
+    api_client.force_authenticate(user)
+    with time_machine.travel(first_ms, tick=False):  # local midnight on the 1st: already this month
+        simulate_call(user, prompt=100)
+    with time_machine.travel(last_ms, tick=False):
+        body = api_client.get("/api/usage/quota/").json()
+        assert body["period"]["start"] == old.isoformat() and body["exceeded"] is True
+        assert body["usage"]["tokens"] == 100 and body["alert"]["level"] == "critical"
+        with pytest.raises(QuotaExceeded):
+            simulate_call(user, prompt=1)
+    with time_machine.travel(last_ms + _MS, tick=False):
+        body = api_client.get("/api/usage/quota/").json()
+        assert body["period"]["start"] == new.isoformat() and body["exceeded"] is False
+        assert body["usage"] == {"tokens": 0, "cost": "0"} and body["alert"] is None
+        record = simulate_call(user, prompt=100)
+        assert record.created_at == last_ms + _MS
+        with pytest.raises(QuotaExceeded):
+            simulate_call(user, prompt=1)
+    assert dict(UsageCounter.objects.values_list("period", "tokens")) == {old: 100, new: 100}
+    assert sorted(QuotaAlert.objects.filter(level="critical").values_list("period", flat=True)) == [old, new]

@@ -187,3 +187,61 @@ def test_stats_over_a_year_never_read_the_raw_records(api_client):
     assert body["totals"]["calls"] == 1
     assert not [q for q in queries.captured_queries if "usage_usagerecord" in q["sql"]]
     assert len(queries.captured_queries) <= 6  # session/auth aside: totals + three groups
+
+
+def test_response_shapes_are_the_documented_contract(api_client, alice_and_bob):
+    """Every key the issue spells out is there, money is a decimal string, never a float."""
+    alice, _ = alice_and_bob
+    client = _auth(api_client, alice)
+    stats = client.get("/api/usage/stats/?group_by=provider,model,day").json()
+    assert {"totals", "by_provider", "by_model", "by_day"} <= set(stats)
+    for row in [stats["totals"], *stats["by_provider"], *stats["by_model"], *stats["by_day"]]:
+        assert {"calls", "prompt_tokens", "completion_tokens", "total_tokens", "cost"} <= set(row)
+        assert isinstance(row["cost"], str) and isinstance(row["cost_cents"], int)
+    records = client.get("/api/usage/records/?limit=1&offset=0").json()
+    assert {"count", "results"} <= set(records) and isinstance(records["results"][0]["cost"], str)
+    quota = client.get("/api/usage/quota/").json()
+    assert {"exceeded", "usage", "limits", "percentage", "alert"} <= set(quota)
+    assert set(quota["usage"]) == set(quota["limits"]) == set(quota["percentage"]) == {"tokens", "cost"}
+    assert quota["alert"] is None and quota["limits"] == {"tokens": None, "cost": None}  # unlimited
+    rate = client.get("/api/usage/cache-hit-rate/").json()
+    assert {"calls", "cache_hits", "hit_rate"} <= set(rate)
+    balance = client.get("/api/usage/balance/").json()
+    assert {"balance", "reserved", "currency"} <= set(balance)
+    assert all(isinstance(balance[k], str) for k in ("balance", "reserved", "available"))
+    for entry in client.get("/api/usage/ledger/").json()["results"]:
+        assert {"amount", "kind", "reason", "created_at"} <= set(entry) and isinstance(entry["amount"], str)
+
+
+def test_quota_alert_is_level_and_message(api_client):
+    user = make_user()
+    Quota.objects.create(user=user, monthly_token_limit=10)
+    simulate_call(user, prompt=10)
+    body = _auth(api_client, user).get("/api/usage/quota/").json()
+    assert set(body["alert"]) == {"level", "message"} and body["alert"]["level"] == "critical"
+    assert body["exceeded"] is True and body["percentage"]["tokens"] == 100.0
+
+
+def test_stats_filters_by_project_agent_and_model(api_client):
+    from tests.factories import make_agent
+
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    cheap, dear = make_model("cheap", input_price="1", output_price="1"), make_model("dear", input_price="9",
+                                                                                      output_price="9")
+    agent = make_agent("poet", model=cheap)
+    simulate_call(user, model=cheap.name, prompt=10, project="blog")
+    simulate_call(user, model=dear.name, prompt=20)
+    from usage.models import UsageRecord
+
+    UsageRecord.objects.filter(model="cheap").update(agent=agent)
+    from django.core.management import call_command
+
+    today = timezone.now().astimezone(SHANGHAI).date()
+    call_command("rebuild_rollups", "--since", str(today), "--until", str(today), stdout=io.StringIO())
+    client = _auth(api_client, user)
+    assert client.get("/api/usage/stats/?project=blog").json()["totals"]["total_tokens"] == 10
+    assert client.get("/api/usage/stats/?agent=poet").json()["totals"]["total_tokens"] == 10
+    by_model = client.get("/api/usage/stats/?model=dear").json()
+    assert by_model["totals"]["total_tokens"] == 20 and by_model["totals"]["cost"] == "0.00018"
+    assert client.get("/api/usage/records/?model=dear").json()["count"] == 1

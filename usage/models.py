@@ -76,12 +76,18 @@ class ModelPrice(models.Model):
     # per-record costs equals the cost of the summed tokens.
     MAX_PLACES = 4
 
+    def save(self, *args, **kwargs) -> None:
+        # Every write path (admin, staff API, seed, shell) gets the same rules: a bad price never prices a call.
+        self.clean()
+        super().save(*args, **kwargs)
+
     def clean(self) -> None:
         errors = {}
         for name in ("input_per_million", "cached_input_per_million", "output_per_million"):
             value = getattr(self, name)
             if value is None:
                 continue
+            value = value if isinstance(value, Decimal) else Decimal(str(value))
             if value < 0:
                 errors[name] = "A price cannot be negative."
             elif value > self.MAX_PER_MILLION:
