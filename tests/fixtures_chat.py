@@ -11,6 +11,8 @@ Reusable by any test that needs a running server (websockets, /v1 over real HTTP
 It needs PostgreSQL (the server process cannot see SQLite's in-memory test database) and uses a
 transactional test database, so data the test creates is visible to the server. Extra environment
 for the server process: override the `live_server_daphne_env` fixture (a dict) in a test module.
+`second_live_server_daphne`: another daphne process on the same database and Redis (needs REDIS_URL),
+for streams that cross processes through the channel layer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import quote
 
 import pytest
@@ -54,6 +58,22 @@ def live_server_daphne(transactional_db, live_server_daphne_env):
     """Starts daphne on a free loopback port against the test database; yields its base URL."""
     if not settings.IS_POSTGRES:
         pytest.skip("live_server_daphne needs PostgreSQL (DATABASE_URL)")
+    with run_daphne(live_server_daphne_env) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def second_live_server_daphne(live_server_daphne, live_server_daphne_env):
+    """A second daphne process on the same database and Redis (several processes sharing one channel layer)."""
+    if not settings.REDIS_URL:
+        pytest.skip("two daphne processes share a stream only through Redis (REDIS_URL)")
+    with run_daphne(live_server_daphne_env) as base_url:
+        yield base_url
+
+
+@contextmanager
+def run_daphne(extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """A daphne process serving aiwriter.asgi on a free loopback port; yields its base URL, stops it after."""
     # Bind here and hand the listening socket to daphne (--fd): no race for the port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -67,7 +87,7 @@ def live_server_daphne(transactional_db, live_server_daphne_env):
         "REDIS_URL": settings.REDIS_URL,
         "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
         "DEBUG": "0",
-        **live_server_daphne_env,
+        **(extra_env or {}),
     }
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(

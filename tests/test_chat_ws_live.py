@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 import urllib.request
 
 import pytest
@@ -71,3 +72,102 @@ def test_rest_reply_over_daphne(live_server_daphne, alice, chat_agent, fake_upst
     assert status == 201 and reply["status"] == "success" and reply["content"].endswith("User: Hi")
     assert post(f"/api/conversations/{conversation['id']}/messages/", {"content": "Hi", "client_id": "r1"}) == (
         200, reply)
+
+
+def _wait_for_final_state(message_id: int, seconds: float = 20) -> Message:
+    deadline = time.monotonic() + seconds
+    while True:
+        reply = Message.objects.select_related("conversation", "reply_to").get(pk=message_id)
+        if reply.status != "processing" or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.1)
+
+
+def test_a_client_that_drops_mid_stream_leaves_a_consistent_reply_and_a_free_lock(live_server_daphne, alice,
+                                                                                   chat_agent, fake_upstream):
+    """The TCP connection is cut (no close frame) after a few deltas, as when a laptop lid closes."""
+    from conversations import locks
+    from usage.models import UsageRecord
+
+    _, raw_key = make_api_key(alice)
+    ws_url = live_server_daphne.replace("http://", "ws://") + "/ws/chat/"
+    headers = {"Origin": live_server_daphne, "Authorization": f"Bearer {raw_key}"}
+    fake_upstream.configure("chat-model", tokens=400, chunk_delay=0.02)
+
+    async def drop_after_deltas() -> list[dict]:
+        frames = []
+        async with websockets.connect(ws_url, additional_headers=headers, open_timeout=5) as socket:
+            await socket.send(json.dumps({"type": "message", "conversation": None, "agent": "helper",
+                                          "content": "Tell me a long story", "client_id": "drop-1"}))
+            async with asyncio.timeout(15):
+                while sum(f["type"] == "delta" for f in frames) < 3:
+                    frames.append(json.loads(await socket.recv()))
+            socket.transport.abort()
+        return frames
+
+    frames = asyncio.run(drop_after_deltas())
+    conversation_id, message_id = frames[0]["conversation"], frames[0]["message"]
+    reply = _wait_for_final_state(message_id)
+    assert reply.status == "error" and reply.error_message and reply.reply_to.status == "error"
+    assert reply.content.startswith("Echo.")  # stopped, keeping what arrived
+    assert reply.prompt_tokens > 0 and 0 < reply.completion_tokens < 400 and reply.usage_estimated
+    record = UsageRecord.objects.get(message=reply)
+    assert record.completion_tokens > 0
+    conversation = reply.conversation
+    assert conversation.message_count == 2 and conversation.total_tokens == 0 and not conversation.has_success
+    assert not locks.is_locked(conversation_id, alice.pk)
+    # The same conversation answers again at once.
+    fake_upstream.configure("chat-model", tokens=5, chunk_delay=0)
+    again = asyncio.run(_chat(ws_url, headers, {"type": "message", "conversation": conversation_id,
+                                                "content": "Shorter, please", "client_id": "drop-2"}))
+    assert again[-1]["type"] == "done" and again[-1]["status"] == "success"
+
+
+@pytest.mark.redis
+def test_a_stream_and_a_cancel_cross_daphne_processes(live_server_daphne, second_live_server_daphne, alice,
+                                                      chat_agent, fake_upstream):
+    """Tab 1 on one process sends; tab 2 on another process sees the same stream, and its cancel stops it."""
+    from conversations.models import Conversation
+
+    _, raw_key = make_api_key(alice)
+    conversation = Conversation.objects.create(owner=alice, agent=chat_agent)
+    auth = {"Authorization": f"Bearer {raw_key}"}
+    url1 = live_server_daphne.replace("http://", "ws://") + "/ws/chat/"
+    url2 = second_live_server_daphne.replace("http://", "ws://") + "/ws/chat/"
+
+    async def recv(socket) -> dict:
+        async with asyncio.timeout(15):
+            return json.loads(await socket.recv())
+
+    async def until(socket, frame_type: str) -> list[dict]:
+        frames = [await recv(socket)]
+        while frames[-1]["type"] != frame_type:
+            frames.append(await recv(socket))
+        return frames
+
+    async def scenario() -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+        async with (websockets.connect(url1, additional_headers={**auth, "Origin": live_server_daphne}) as tab1,
+                    websockets.connect(url2, additional_headers={**auth, "Origin": second_live_server_daphne})
+                    as tab2):
+            await tab2.send(json.dumps({"type": "subscribe", "conversation": conversation.pk}))
+            assert await recv(tab2) == {"type": "subscribed", "conversation": conversation.pk}
+            fake_upstream.configure("chat-model", chunk_delay=0.005)
+            await tab1.send(json.dumps({"type": "message", "conversation": conversation.pk, "content": "Hi both",
+                                        "client_id": "x-1"}))
+            seen1, seen2 = await until(tab1, "done"), await until(tab2, "done")
+            fake_upstream.configure("chat-model", tokens=2000, chunk_delay=0.01)
+            await tab1.send(json.dumps({"type": "message", "conversation": conversation.pk, "content": "Go on",
+                                        "client_id": "x-2"}))
+            await until(tab2, "delta")
+            await tab2.send(json.dumps({"type": "cancel", "conversation": conversation.pk}))
+            return seen1, seen2, await until(tab1, "error"), await until(tab2, "error")
+
+    seen1, seen2, cancelled1, cancelled2 = asyncio.run(scenario())
+    text = "".join(f["content"] for f in seen2 if f["type"] == "delta")
+    assert text == "".join(f["content"] for f in seen1 if f["type"] == "delta")
+    assert text == "Echo. System: You help alice. | User: Hi both"
+    assert [f["status"] for f in seen2 if f["type"] == "status"] == ["thinking", "generating"]
+    assert seen2[-1] == seen1[-1] and seen2[-1]["status"] == "success"
+    assert cancelled1[-1]["code"] == cancelled2[-1]["code"] == "cancelled"
+    reply = _wait_for_final_state(cancelled1[-1]["message"])
+    assert reply.status == "error" and reply.content.startswith("Echo.") and 0 < reply.completion_tokens < 2000
