@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,48 @@ def test_sync_killed_midway_then_resumed_sends_nothing_twice(billing_receiver):
     assert all(len(keys) == 1 for keys in keys_per_record.values())
     assert billing_receiver.accepted_ids() == sorted(UsageRecord.objects.values_list("id", flat=True))
     assert not UsageRecord.objects.filter(synced_at__isnull=True).exists()
+
+
+@pytest.mark.pg
+@pytest.mark.django_db(transaction=True)
+def test_two_syncs_at_once_never_send_a_record_twice(billing_receiver):
+    users = [make_user("ann"), make_user("ben")]
+    _records(users, 24)
+    gate = threading.Barrier(2)
+
+    def run():
+        try:
+            gate.wait(5)
+            _sync(billing_receiver)
+        finally:
+            connection.close()
+
+    billing_receiver.on_batch = lambda n, key: time.sleep(0.02)  # keep both runs overlapping
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sent = [i for _, ids in billing_receiver.received for i in ids]
+    assert sorted(sent) == sorted(UsageRecord.objects.values_list("id", flat=True))  # each once, not once per run
+    assert not UsageRecord.objects.filter(synced_at__isnull=True).exists()
+    assert set(BillingSyncState.objects.values_list("status", flat=True)) == {"ok"}
+
+
+@pytest.mark.pg
+@pytest.mark.django_db(transaction=True)
+def test_a_user_locked_by_another_run_is_skipped_not_failed(billing_receiver):
+    import psycopg
+
+    from usage.sync import _LOCK_NAMESPACE
+
+    ann = make_user("ann")
+    _records([ann], 2)
+    db = connection.settings_dict
+    with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"],
+                         autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", [_LOCK_NAMESPACE, ann.pk])
+        out = _sync(billing_receiver)
+        assert "ann: skipped" in out and billing_receiver.received == []
+    # The other run's connection is gone (killed or finished): its lock went with it.
+    assert "synced 2 records" in _sync(billing_receiver)

@@ -3,7 +3,8 @@
 Per user, in batches, oldest first. Each batch is saved on the user's BillingSyncState (ids + idempotency key)
 before it is sent and marked synced in one transaction after the backend accepts it, so:
 - running twice sends nothing twice (synced records are never picked again);
-- a run killed mid-send resends exactly that batch under the same key, which the backend deduplicates.
+- a run killed mid-send resends exactly that batch under the same key, which the backend deduplicates;
+- two runs at once never send a user's records twice: one sender per user (a PostgreSQL advisory lock).
 POST body: {"batch_id", "user", "records": [...]}; headers `Idempotency-Key` and, if set,
 `Authorization: Bearer BILLING_SYNC_TOKEN`. 5xx, 429 and network errors are retried with exponential backoff.
 """
@@ -17,13 +18,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -38,12 +40,39 @@ class SyncError(Exception):
     pass
 
 
+class SyncBusy(SyncError):
+    """Another sync is sending this user's records right now: skipped, not failed (its state is left alone)."""
+
+
+# pg_try_advisory_lock(namespace, user id): one sender per user across processes; released by PostgreSQL when the
+# holding connection ends, so a killed run never leaves a stale lock behind.
+_LOCK_NAMESPACE = 0x5A5C
+
+
+@contextmanager
+def _user_lock(user_id: int):
+    if connection.vendor != "postgresql":
+        yield  # SQLite (dev, bare tests): one writer anyway
+        return
+    key = [_LOCK_NAMESPACE, user_id & 0x7FFFFFFF]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", key)
+        if not cursor.fetchone()[0]:
+            raise SyncBusy("another sync_usage run is sending this user's records; skipped")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+
+
 @dataclass
 class SyncReport:
     users: int = 0
     batches: int = 0
     records: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # another run held the user's lock
 
 
 def _record_json(r: UsageRecord, username: str) -> dict[str, Any]:
@@ -103,7 +132,15 @@ def _send_batch(state: BillingSyncState, username: str, ids: list[int], key: str
 def sync_user(user: Any, *, url: str, since: datetime | None = None, batch_size: int = 200,
               progress: Progress | None = None, token: str = "", timeout: float = 10.0, retries: int = 4,
               backoff: float = 0.5) -> tuple[int, int]:
-    """Syncs one user's records; returns (batches, records). Raises SyncError (state saved as failed)."""
+    """Syncs one user's records; returns (batches, records). Raises SyncError (state saved as failed), or SyncBusy
+    when another run is syncing this user (two runs at once would pick the same records under different keys)."""
+    with _user_lock(user.pk):
+        return _sync_user(user, url=url, since=since, batch_size=batch_size, progress=progress, token=token,
+                          timeout=timeout, retries=retries, backoff=backoff)
+
+
+def _sync_user(user: Any, *, url: str, since: datetime | None, batch_size: int, progress: Progress | None,
+               token: str, timeout: float, retries: int, backoff: float) -> tuple[int, int]:
     state, _ = BillingSyncState.objects.get_or_create(user=user)
     username = user.get_username()
     post = {"url": url, "token": token, "timeout": timeout, "retries": retries, "backoff": backoff}
@@ -159,6 +196,9 @@ def sync_usage(*, url: str | None = None, username: str | None = None, since: da
         try:
             batches, records = sync_user(user, url=url, since=since, batch_size=batch_size, progress=progress,
                                          **options)
+        except SyncBusy:
+            report.skipped.append(user.get_username())
+            continue
         except SyncError as exc:
             report.failed[user.get_username()] = str(exc)
             logger.warning("billing sync for %s failed: %s", user.get_username(), exc)

@@ -43,6 +43,8 @@ class Command(BaseCommand):
         except SyncError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"synced {report.records} records in {report.batches} batches for {report.users} users")
+        for username in report.skipped:
+            self.stdout.write(f"{username}: skipped, another sync_usage run is sending this user's records")
         if report.failed:
             for username, error in report.failed.items():
                 self.stderr.write(f"{username}: {error}")
