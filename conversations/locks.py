@@ -8,6 +8,11 @@ CONVERSATION_LOCK_SECONDS.
 
 Without Redis (unset or unreachable) the same rules are held by the database: one GenerationLease row
 per conversation (unique), counted per user under a PostgreSQL advisory lock.
+
+Across an outage both paths also count what the database knows is running: unexpired leases and replies
+still `processing` (touched within CONVERSATION_LOCK_SECONDS). So a generation that began on Redis is
+still seen when Redis goes away, and one that began on a lease is still seen when an empty Redis comes
+back. After a Redis failure this process skips Redis for redis_guard.PAUSE_SECONDS, then tries it again.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from agents.llm import redis_guard
 from aiwriter import redis as shared_redis
 from aiwriter.errors import ApiError
-from conversations.models import GenerationLease
+from conversations.models import GenerationLease, Message
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,8 @@ class TooManyConcurrent(ApiError):
     retryable = True
 
 
-# KEYS: lock, user's running set. ARGV: token, ttl ms, limit, member. Returns 1, -1 (busy) or -2 (limit).
+# KEYS: lock, user's running set. ARGV: token, ttl ms, limit, member.
+# Returns -1 (busy), -2 (limit) or, taken, the members of the running set.
 _ACQUIRE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -55,7 +62,7 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -2 end
 redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[2]), ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
+return redis.call('ZRANGE', KEYS[2], 0, -1)
 """
 
 # Compare-and-delete: only the holder's token releases the lock and its slot.
@@ -110,12 +117,23 @@ def acquire(*, owner_id: int, conversation_id: int) -> GenerationLock:
     """Takes the conversation's lock and a per-user slot, or raises ConversationBusy / TooManyConcurrent."""
     token = secrets.token_hex(16)
     client = shared_redis.get_redis()
-    if client is not None:
+    if client is not None and redis_guard.available():
         try:
             return _acquire_redis(client, owner_id, conversation_id, token)
         except redis.RedisError as exc:
-            logger.warning("redis unavailable for conversation lock, using the database: %s", exc)
+            redis_guard.failed("conversation locks", exc)
     return _acquire_db(owner_id, conversation_id, token)
+
+
+def running_in_db(owner_id: int) -> set[int]:
+    """Conversations of this owner the database knows are generating: live leases, recent `processing` replies."""
+    now = timezone.now()
+    running = set(GenerationLease.objects.filter(owner_id=owner_id, expires_at__gt=now)
+                  .values_list("conversation_id", flat=True))
+    running.update(Message.objects.filter(
+        conversation__owner_id=owner_id, role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
+        updated_at__gt=now - timedelta(seconds=_ttl_seconds())).values_list("conversation_id", flat=True))
+    return running
 
 
 def _acquire_redis(client: redis.Redis, owner_id: int, conversation_id: int, token: str) -> GenerationLock:
@@ -126,7 +144,13 @@ def _acquire_redis(client: redis.Redis, owner_id: int, conversation_id: int, tok
         raise ConversationBusy()
     if outcome == -2:
         raise TooManyConcurrent()
-    return GenerationLock(conversation_id, owner_id, token, "redis")
+    lock = GenerationLock(conversation_id, owner_id, token, "redis")
+    # Generations Redis does not know of (begun during an outage, or before Redis restarted empty).
+    running = running_in_db(owner_id)
+    if conversation_id in running or len(running | {int(m) for m in outcome}) > settings.MAX_CONCURRENT_CONVERSATIONS:
+        release(lock)
+        raise ConversationBusy() if conversation_id in running else TooManyConcurrent()
+    return lock
 
 
 def _acquire_db(owner_id: int, conversation_id: int, token: str) -> GenerationLock:
@@ -141,7 +165,11 @@ def _acquire_db(owner_id: int, conversation_id: int, token: str) -> GenerationLo
             GenerationLease.objects.filter(conversation_id=conversation_id, expires_at__lte=now).delete()
             if GenerationLease.objects.filter(conversation_id=conversation_id).exists():
                 raise ConversationBusy()
-            if GenerationLease.objects.filter(owner_id=owner_id).count() >= settings.MAX_CONCURRENT_CONVERSATIONS:
+            # Leases, plus replies still being written by generations that took their lock in Redis.
+            running = running_in_db(owner_id)
+            if conversation_id in running:
+                raise ConversationBusy()
+            if len(running) >= settings.MAX_CONCURRENT_CONVERSATIONS:
                 raise TooManyConcurrent()
             GenerationLease.objects.create(conversation_id=conversation_id, owner_id=owner_id, token=token,
                                            expires_at=now + timedelta(seconds=_ttl_seconds()))

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
 
+from agents.llm import redis_guard
 from aiwriter import redis as shared_redis
 from conversations.locks import ADVISORY_SEQUENCE
 from conversations.models import Message
@@ -40,7 +41,7 @@ def _db_max(conversation_id: int) -> int:
 def next_sequences_redis(conversation_id: int, count: int) -> list[int] | None:
     """`count` consecutive numbers from Redis, or None when Redis is absent or down."""
     client = shared_redis.get_redis()
-    if client is None:
+    if client is None or not redis_guard.available():
         return None
     counter = _counter_key(conversation_id)
     try:
@@ -51,7 +52,7 @@ def next_sequences_redis(conversation_id: int, count: int) -> list[int] | None:
         pipe.expire(counter, _COUNTER_TTL_SECONDS)
         last = pipe.execute()[0]
     except redis.RedisError as exc:
-        logger.warning("redis unavailable for sequence numbers, using the database: %s", exc)
+        redis_guard.failed("sequence numbers", exc)
         return None
     return list(range(last - count + 1, last + 1))
 
@@ -74,7 +75,7 @@ def next_sequences_db(conversation_id: int, count: int) -> list[int]:
 def _bump_redis(conversation_id: int, at_least: int) -> None:
     """Moves the Redis counter past numbers the database handed out, so the fast path resumes safely."""
     client = shared_redis.get_redis()
-    if client is None:
+    if client is None or not redis_guard.available():
         return
     try:
         client.eval(
@@ -82,8 +83,8 @@ def _bump_redis(conversation_id: int, at_least: int) -> None:
             "if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end return 1",
             1, _counter_key(conversation_id), at_least, _COUNTER_TTL_SECONDS,
         )
-    except redis.RedisError:
-        pass
+    except redis.RedisError as exc:
+        redis_guard.failed("sequence numbers", exc)
 
 
 def insert_with_sequence(conversation_id: int, count: int, insert: Callable[[list[int]], T]) -> T:

@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures_chat",
     "tests.fixtures_openai",
     "tests.fixtures_web",
+    "tests.fixtures_faults",
 ]
 
 _left_out: dict[str, int] = {"pg": 0, "redis": 0}

@@ -80,9 +80,14 @@ class _Call:
 
 # --- entry points ---------------------------------------------------------------------------
 
-async def stream(request: ChatRequest) -> AsyncIterator[TextDelta | ChatResult]:
-    """TextDelta items, then exactly one ChatResult. Raises LLMError."""
-    async with aclosing(_run(request, whole=False)) as items:
+async def stream(request: ChatRequest, *, whole: bool = False) -> AsyncIterator[TextDelta | ChatResult]:
+    """TextDelta items, then exactly one ChatResult. Raises LLMError.
+
+    whole=True is complete() as a generator (for callers that meter, drain or close it): no TextDelta, only
+    the ChatResult; request.timeout bounds the primary model's total time, and a reply cut midway is retried
+    since nothing reached the caller yet.
+    """
+    async with aclosing(_run(request, whole=whole)) as items:
         async for item in items:
             yield item
 
@@ -130,9 +135,10 @@ async def _run(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta 
             raise
         reason = "timeout" if isinstance(exc, UpstreamTimeout) else exc.code
 
-    fallback_request = replace(request, model=fallback, timeout=None, fallback_model=None)
+    # The fallback gets a budget of its own (the same timeout), so a call never waits longer than twice it.
+    fallback_request = replace(request, model=fallback, fallback_model=None)
     try:
-        async with aclosing(_run_model(call, fallback_request, fallback, timeout=None)) as items:
+        async with aclosing(_run_model(call, fallback_request, fallback, timeout=request.timeout)) as items:
             async for item in items:
                 if isinstance(item, ChatResult):
                     item.fallback, item.fallback_reason = True, reason
