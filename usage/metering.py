@@ -146,12 +146,14 @@ async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tup
     return await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
 
 
-async def metered_stream(ctx: CallContext, request: ChatRequest) -> AsyncIterator[TextDelta | MeteredResult]:
+async def metered_stream(ctx: CallContext, request: ChatRequest, *,
+                         whole: bool = False) -> AsyncIterator[TextDelta | MeteredResult]:
+    """whole=True (metered_complete): no TextDelta, whole-reply semantics of service.complete (timeout in total)."""
     plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)
     started = time.monotonic()
     ttft_ms: int | None = None
     delivered: list[str] = []
-    inner = service.stream(request)
+    inner = service.stream(request, whole=whole)
     final: ChatResult | None = None
     try:
         async for item in inner:
@@ -198,8 +200,9 @@ async def metered_stream(ctx: CallContext, request: ChatRequest) -> AsyncIterato
 
 
 async def metered_complete(ctx: CallContext, request: ChatRequest) -> MeteredResult:
+    """A whole reply, metered: request.timeout counts in total, then the fallback model (like service.complete)."""
     final = None
-    async for item in metered_stream(ctx, request):
+    async for item in metered_stream(ctx, request, whole=True):
         if isinstance(item, MeteredResult):
             final = item
     assert final is not None
