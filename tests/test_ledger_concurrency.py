@@ -65,3 +65,31 @@ async def test_concurrent_metered_calls_through_the_upstream_stop_at_the_balance
     account = await sync_to_async(CreditAccount.objects.get)(user=user)
     assert results.count(True) == 10 and account.balance == 0 and account.reserved == 0
     assert fake_upstream.served["cent"] == 10  # refused calls never reached the model
+
+
+def test_ledger_is_append_only_in_the_database():
+    from django.db import DatabaseError, transaction
+
+    user = make_user()
+    entry = grant_credits(user=user, amount=Decimal("5"), reason="t", created_by=None)
+    for change in (lambda: LedgerEntry.objects.filter(pk=entry.pk).update(amount=Decimal("500")),
+                   lambda: LedgerEntry.objects.filter(pk=entry.pk).update(reason="edited"),
+                   lambda: LedgerEntry.objects.filter(pk=entry.pk).delete()):
+        with pytest.raises(DatabaseError), transaction.atomic():
+            change()
+    with pytest.raises(ValueError):
+        entry.save()
+    LedgerEntry.objects.filter(pk=entry.pk).update(usage_record=None)  # the SET_NULL links may still change
+    assert LedgerEntry.objects.get(pk=entry.pk).amount == Decimal("5")
+
+
+def test_balance_can_never_go_below_zero_in_the_database():
+    from django.db import IntegrityError, transaction
+
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        CreditAccount.objects.filter(user=user).update(balance=Decimal("-0.0000000001"))
+    with pytest.raises(IntegrityError), transaction.atomic():
+        CreditAccount.objects.filter(user=user).update(reserved=Decimal("1.5"))  # more held than there is
+    assert CreditAccount.objects.get(user=user).balance == 1

@@ -136,6 +136,15 @@ class LedgerEntry(models.Model):
         ordering = ["-created_at", "-id"]
         verbose_name_plural = "ledger entries"
 
+    def save(self, *args, **kwargs) -> None:
+        # Append-only (PostgreSQL enforces it with a trigger too): a correction is a new adjustment entry.
+        if not self._state.adding:
+            raise ValueError("Ledger entries are append-only; record an adjustment instead.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ValueError("Ledger entries are append-only; record an adjustment instead.")
+
 
 class Reservation(models.Model):
     """Credit held for a call in flight: settled to the actual cost, or released."""
