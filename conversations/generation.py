@@ -65,20 +65,35 @@ def done_frame(reply: Message) -> dict[str, Any]:
     }
 
 
-# The error code told to the client for a reply that ended in a failed status (replays, REST).
+# Telling a failed reply again (a replayed client_id): its status gives the default code, HTTP status and
+# retryability; the code stored with the reply (what the client was told the first time) refines them.
 _STATUS_CODES = {
     Message.Status.INSUFFICIENT_BALANCE: ("insufficient_balance", 402, False),
     Message.Status.CONTENT_VIOLATION: ("content_violation", 422, False),
     Message.Status.LLM_ERROR: ("llm_error", 502, True),
     Message.Status.ERROR: ("interrupted", 503, True),
 }
+_CODE_OUTCOMES = {  # code: (HTTP status, retryable), where they differ from the status's default
+    "quota_exceeded": (429, False), "key_budget_exceeded": (429, False),
+    "upstream_timeout": (504, True), "rate_limited": (429, True), "no_healthy_deployment": (503, True),
+    "bad_request": (502, False), "model_not_found": (502, False), "upstream_auth": (502, False),
+    "upstream_model_not_found": (502, False),
+}
+
+
+def _outcome(reply: Message) -> tuple[str, int, bool]:
+    code, http_status, retryable = _STATUS_CODES.get(reply.status, ("interrupted", 503, True))
+    if reply.error_code:
+        code = reply.error_code
+        http_status, retryable = _CODE_OUTCOMES.get(code, (http_status, retryable))
+    return code, http_status, retryable
 
 
 def outcome_frame(reply: Message) -> dict[str, Any]:
     """The final frame for a reply already in its final state."""
     if reply.status == Message.Status.SUCCESS:
         return done_frame(reply)
-    code, _, retryable = _STATUS_CODES.get(reply.status, ("interrupted", 503, True))
+    code, _, retryable = _outcome(reply)
     return error_frame(code, reply.error_message or "The reply failed.", retryable, reply.pk)
 
 
@@ -86,7 +101,7 @@ def outcome_error(reply: Message) -> ApiError | None:
     """The API error for a failed reply (None for success), carrying the reply's id."""
     if reply.status == Message.Status.SUCCESS:
         return None
-    code, http_status, retryable = _STATUS_CODES.get(reply.status, ("interrupted", 503, True))
+    code, http_status, retryable = _outcome(reply)
     return _api_error(code, reply.error_message or "The reply failed.", http_status, retryable, reply)
 
 
@@ -146,7 +161,8 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         await emit(done_frame(reply))
     except ApiError as exc:
         # InsufficientBalance / QuotaExceeded / KeyBudgetExceeded: raised before the model is called.
-        await finish(exchange, status=Message.Status.INSUFFICIENT_BALANCE, error_message=exc.message)
+        await finish(exchange, status=Message.Status.INSUFFICIENT_BALANCE, error_message=exc.message,
+                     error_code=exc.code)
         exchange.extra["error"] = _api_error(exc.code, exc.message, exc.status_code, exc.retryable, reply)
         await emit(error_frame(exc.code, exc.message, exc.retryable, reply.pk))
     except LLMError as exc:
@@ -164,7 +180,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         record = getattr(exc, "usage_record", None)
         cost = getattr(record, "cost", None) or Decimal("0")
         await finish(exchange, status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
-                     cost=cost, **fields)
+                     error_code=exc.code, cost=cost, **fields)
         # The upstream refusing our request (4xx) is not the client's mistake: 502 for those.
         http_status = exc.http_status if exc.http_status in (429, 502, 503, 504) else 502
         exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, exc.retryable, reply)
@@ -176,14 +192,14 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         content = "".join(parts)
         prompt_tokens, completion_tokens = _estimate(request, content)
         await finish(exchange, status=Message.Status.ERROR, content=content, error_message=CANCELLED_TEXT,
-                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=True,
-                     latency_ms=int((time.monotonic() - started) * 1000))
+                     error_code="cancelled", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000))
         await _emit_quietly(emit, error_frame("cancelled", CANCELLED_TEXT, True, reply.pk))
         raise
     except Exception:  # noqa: BLE001 - a bug must still leave a final state and a free lock
         logger.exception("reply %s failed", reply.pk)
         await _close(stream)
-        await finish(exchange, status=Message.Status.ERROR, content="".join(parts),
+        await finish(exchange, status=Message.Status.ERROR, content="".join(parts), error_code="internal_error",
                      error_message="Internal error while generating the reply.")
         await _emit_quietly(emit, error_frame("internal_error", "Internal error while generating the reply.",
                                               True, reply.pk))

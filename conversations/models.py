@@ -47,6 +47,8 @@ class Message(models.Model):
     content = models.TextField(blank=True, default="")
     status = models.CharField(max_length=30, choices=Status.choices, default=Status.PENDING)
     error_message = models.TextField(blank=True, default="")
+    # The machine code the client was told (e.g. upstream_timeout, quota_exceeded), so a replay tells the same.
+    error_code = models.CharField(max_length=50, blank=True, default="")
     sequence = models.PositiveBigIntegerField()
     reply_to = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="replies")
     model_name = models.CharField(max_length=100, blank=True, default="")

@@ -47,9 +47,10 @@ class MessageSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Message
-        fields = ["id", "conversation", "role", "content", "status", "error_message", "error_display", "sequence",
-                  "reply_to", "model_name", "provider_name", "prompt_tokens", "completion_tokens", "total_tokens",
-                  "usage_estimated", "fallback", "latency_ms", "cost", "client_id", "created_at", "updated_at"]
+        fields = ["id", "conversation", "role", "content", "status", "error_code", "error_message", "error_display",
+                  "sequence", "reply_to", "model_name", "provider_name", "prompt_tokens", "completion_tokens",
+                  "total_tokens", "usage_estimated", "fallback", "latency_ms", "cost", "client_id", "created_at",
+                  "updated_at"]
         read_only_fields = fields
 
     def get_error_display(self, message: Message) -> str | None:

@@ -234,15 +234,16 @@ def _moderate(exchange: Exchange) -> None:
     reason = moderation.check(exchange.user_message.content)
     if reason is None:
         return
-    finish_reply(exchange, status=Message.Status.CONTENT_VIOLATION, error_message=reason)
+    finish_reply(exchange, status=Message.Status.CONTENT_VIOLATION, error_message=reason,
+                 error_code="content_violation")
     locks.release(exchange.lock)
     exchange.lock = None
 
 
 def finish_reply(exchange: Exchange, *, status: str, content: str = "", error_message: str = "",
-                 model_name: str = "", provider_name: str = "", prompt_tokens: int = 0, completion_tokens: int = 0,
-                 usage_estimated: bool = False, fallback: bool = False, latency_ms: int | None = None,
-                 cost: Decimal = Decimal("0")) -> Message:
+                 error_code: str = "", model_name: str = "", provider_name: str = "", prompt_tokens: int = 0,
+                 completion_tokens: int = 0, usage_estimated: bool = False, fallback: bool = False,
+                 latency_ms: int | None = None, cost: Decimal = Decimal("0")) -> Message:
     """Writes a reply's final state, its user message's status and the conversation's counters, atomically.
 
     Only a reply still `processing` changes: the first final state wins (a late cancel, the sweeper).
@@ -250,7 +251,8 @@ def finish_reply(exchange: Exchange, *, status: str, content: str = "", error_me
     now = timezone.now()
     reply = exchange.reply
     values: dict[str, Any] = dict(
-        status=status, content=content, error_message=error_message, model_name=model_name[:100],
+        status=status, content=content, error_message=error_message, error_code=error_code[:50],
+        model_name=model_name[:100],
         provider_name=provider_name[:100], prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         usage_estimated=usage_estimated, fallback=fallback, latency_ms=latency_ms, cost=cost)
     with transaction.atomic():
@@ -303,7 +305,7 @@ def sweep_stuck_messages(*, older_than_seconds: int) -> int:
         with transaction.atomic():
             changed = Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING).update(
                 status=Message.Status.ERROR, error_message="The reply stopped: its worker went away.",
-                updated_at=timezone.now())
+                error_code="interrupted", updated_at=timezone.now())
             if changed and reply.reply_to_id:
                 Message.objects.filter(pk=reply.reply_to_id, status=Message.Status.PENDING).update(
                     status=Message.Status.ERROR, updated_at=timezone.now())

@@ -316,3 +316,18 @@ async def test_bob_cannot_cancel_alices_generation_through_the_group(alice_key, 
     assert await bob_socket.receive_nothing(timeout=0.2)  # bob saw none of alice's frames
     await alice_socket.disconnect()
     await bob_socket.disconnect()
+
+
+async def test_same_client_id_replays_a_failure_with_the_same_error_frame(alice_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", status=500)
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message(client_id="fails-once"))
+    first = (await _until(communicator, "error"))[-1]
+    assert first["code"] == "upstream_error" and first["retryable"] is True
+    assert set(first) == {"type", "message", "code", "message_text", "retryable"}
+    calls = len(fake_upstream.requests)
+    conversation = await Conversation.objects.aget()
+    await communicator.send_json_to(_message(conversation=conversation.pk, client_id="fails-once"))
+    assert await communicator.receive_json_from(timeout=TIMEOUT) == first
+    assert len(fake_upstream.requests) == calls
+    await communicator.disconnect()

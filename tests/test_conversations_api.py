@@ -88,6 +88,10 @@ def test_bob_gets_404_for_everything_of_alices(alice_client, bob_client, chat_ag
         assert response.status_code == 404, (method, url)
         assert response.json()["error"]["code"] == "not_found"
     assert bob_client.get("/api/conversations/").json()["count"] == 0
+    # Nor through his own conversation: a message id is looked up inside the conversation in the URL.
+    bobs = bob_client.post("/api/conversations/", {"agent": chat_agent.slug}, format="json").json()["id"]
+    response = bob_client.post(f"/api/conversations/{bobs}/messages/{mid}/retry/")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     conversation = Conversation.objects.get(pk=cid)
     assert conversation.title != "mine" and conversation.deleted_at is None and conversation.message_count == 2
     assert len(fake_upstream.requests) == calls

@@ -44,6 +44,40 @@ def test_repeated_client_id_returns_first_reply_without_a_second_call(alice_clie
     assert Conversation.objects.get(pk=cid).message_count == 2
 
 
+def test_a_repeated_client_id_is_charged_once(alice, alice_client, fake_upstream):
+    from decimal import Decimal
+
+    from usage.models import CreditAccount, LedgerEntry, UsageRecord
+    from usage.services import grant_credits
+
+    grant_credits(user=alice, amount=Decimal("5"), reason="test top-up", created_by=None)
+    agent = make_agent("paid", model=make_fake_model(fake_upstream, "paid-model", input_price="1",
+                                                     output_price="2"))
+    cid = _conversation(alice_client, agent)
+    first = _send(alice_client, cid, client_id="pay-once")
+    assert first.status_code == 201 and Decimal(first.json()["cost"]) > 0
+    for _ in range(3):
+        again = _send(alice_client, cid, client_id="pay-once")
+        assert again.status_code == 200 and again.json() == first.json()
+    assert len(fake_upstream.requests) == 1
+    assert UsageRecord.objects.filter(user=alice).count() == 1
+    charges = LedgerEntry.objects.filter(account__user=alice, kind="charge")
+    assert charges.count() == 1 and -charges.get().amount == Decimal(first.json()["cost"])
+    assert CreditAccount.objects.get(user=alice).balance == Decimal("5") - Decimal(first.json()["cost"])
+
+
+def test_a_repeated_client_id_of_a_failed_reply_replays_the_same_error(alice_client, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", status=500)
+    cid = _conversation(alice_client, chat_agent)
+    first = _send(alice_client, cid, client_id="fails")
+    calls = len(fake_upstream.requests)
+    fake_upstream.reset()  # the upstream would answer now: a replay must not ask it
+    again = _send(alice_client, cid, client_id="fails")
+    assert again.status_code == first.status_code and again.json()["error"] == first.json()["error"]
+    assert first.json()["error"]["status"] == "llm_error" and calls >= 1 and fake_upstream.requests == []
+    assert Conversation.objects.get(pk=cid).message_count == 2
+
+
 def test_history_has_system_prompt_and_earlier_success_messages(alice_client, chat_agent, fake_upstream):
     cid = _conversation(alice_client, chat_agent)
     _send(alice_client, cid, "first question")
@@ -185,8 +219,10 @@ def test_monthly_quota_used_up_is_told_like_a_low_balance(alice, alice_client, c
     Quota.objects.create(user=alice, monthly_token_limit=1)
     cid = _conversation(alice_client, chat_agent)
     assert _send(alice_client, cid, "first").status_code == 201  # under the limit before this call
-    response = _send(alice_client, cid, "second")
+    response = _send(alice_client, cid, "second", client_id="q2")
     error = response.json()["error"]
     assert response.status_code == 429 and error["code"] == "quota_exceeded"
     assert Message.objects.get(pk=error["message_id"]).status == "insufficient_balance"
     assert len(fake_upstream.requests) == 1
+    again = _send(alice_client, cid, "second", client_id="q2")  # a replay tells the same, not "insufficient_balance"
+    assert (again.status_code, again.json()) == (429, response.json())
