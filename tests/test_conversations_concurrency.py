@@ -101,3 +101,45 @@ def test_sequence_numbers_continue_from_the_database(alice, chat_agent):
     conversation = Conversation.objects.create(owner=alice, agent=chat_agent)
     Message.objects.create(conversation=conversation, role="user", sequence=7)
     assert sequence.insert_with_sequence(conversation.pk, 2, lambda numbers: numbers) == [8, 9]
+
+
+@pytest.mark.pg
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_a_double_submitted_client_id_is_answered_and_charged_once(alice, fake_upstream):
+    """Ten copies of one message (same client_id) at once: one model call, one charge, one exchange."""
+    from decimal import Decimal
+
+    from tests.factories import make_agent, make_fake_model
+    from usage.models import LedgerEntry, UsageRecord
+    from usage.services import grant_credits
+
+    grant_credits(user=alice, amount=Decimal("5"), reason="test top-up", created_by=None)
+    agent = make_agent("paid", model=make_fake_model(fake_upstream, "paid-model", input_price="1", output_price="2"))
+    conversation = Conversation.objects.create(owner=alice, agent=agent)
+    fake_upstream.configure("paid-model", latency=0.3)
+    url = f"/api/conversations/{conversation.pk}/messages/"
+    barrier = threading.Barrier(10)
+
+    def post(_):
+        client = APIClient()
+        client.force_authenticate(alice)
+        try:
+            barrier.wait(timeout=10)
+            return client.post(url, {"content": "once", "client_id": "double-click"}, format="json")
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(post, range(10)))
+    created = [r for r in responses if r.status_code == 201]
+    assert len(created) == 1 and all(r.status_code in (200, 409) for r in responses if r is not created[0])
+    assert all(r.json()["error"]["code"] == "conversation_busy" for r in responses if r.status_code == 409)
+    assert all(r.json() == created[0].json() for r in responses if r.status_code == 200)
+    client = APIClient()
+    client.force_authenticate(alice)
+    later = client.post(url, {"content": "once", "client_id": "double-click"}, format="json")
+    assert later.status_code == 200 and later.json() == created[0].json()
+    assert len(fake_upstream.requests) == 1 and Message.objects.filter(conversation=conversation).count() == 2
+    assert UsageRecord.objects.filter(user=alice).count() == 1
+    assert LedgerEntry.objects.filter(account__user=alice, kind="charge").count() == 1
