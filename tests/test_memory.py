@@ -44,3 +44,16 @@ def test_relevant_memory_goes_into_the_system_prompt(alice, alice_client, chat_a
     system = fake_upstream.requests[-1]["body"]["messages"][0]
     assert system["role"] == "system" and system["content"].startswith("You help alice.")
     assert "My dog is called Biscuit" in system["content"]
+
+
+@pytest.mark.pg
+def test_postgresql_full_text_search_matches_word_forms(alice, chat_agent):
+    """Stemming: "marathons" finds "marathon" and "runs" finds "Running"; a substring scan would not."""
+    _said(alice, chat_agent, "I ran my first marathon in Berlin", "Running shoes are expensive",
+          "My sister bakes bread")
+    hits = search_memory(user=alice, query="marathons", k=5)
+    assert [h.content for h in hits] == ["I ran my first marathon in Berlin"]
+    assert [h.content for h in search_memory(user=alice, query="runs", k=5)] == ["Running shoes are expensive"]
+    ranked = search_memory(user=alice, query="running a marathon in Berlin", k=5)
+    assert ranked[0].content == "I ran my first marathon in Berlin" and ranked[0].rank >= ranked[-1].rank
+    assert "bread" not in " ".join(h.content for h in ranked)
