@@ -206,3 +206,38 @@ async def test_response_cache_hit_costs_nothing(fake_upstream):
     assert not second.record.charged and fake_upstream.completions == 1
     account = await _db(_account, user)
     assert account.balance == Decimal(1) - first.cost
+
+
+async def test_drain_policy_stops_at_its_cap_and_bills_what_was_read(fake_upstream, settings):
+    settings.CUTOFF_BILLING_POLICY = "drain"
+    settings.CUTOFF_DRAIN_MAX_SECONDS = 0.3
+    user = await _db(make_user)
+    model = await _db(make_fake_model, fake_upstream, "endless", input_price="1", output_price="1")
+    fake_upstream.configure("endless", tokens=400, chunk_delay=0.02)  # ~8 s of output: far past the cap
+    await _db(grant_credits, user=user, amount=Decimal("1"), reason="t", created_by=None)
+    stream = metered_stream(CallContext(user=user, entry_point="ws"), _request(model, max_tokens=500))
+    shown = []
+    async for item in stream:
+        shown.append(item.content)
+        break
+    await stream.aclose()
+    record = await _db(UsageRecord.objects.get)
+    # Read on for the cap only: more than was shown (generated and paid upstream), far less than the whole reply.
+    assert record.status == "cancelled" and record.token_source == "partial" and record.charged
+    assert tokens.count_text("".join(shown)) < record.completion_tokens < 400
+    account = await _db(_account, user)
+    assert account.balance == Decimal(1) - record.cost and account.reserved == 0
+
+
+async def test_no_usage_from_the_upstream_is_billed_as_estimated(fake_upstream):
+    user = await _db(make_user)
+    model = await _db(make_fake_model, fake_upstream, "silent", input_price="2", output_price="3")
+    fake_upstream.configure("silent", tokens=6, omit_usage=True)
+    await _db(grant_credits, user=user, amount=Decimal("1"), reason="t", created_by=None)
+    metered = await metered_complete(CallContext(user=user, entry_point="openai"), _request(model, max_tokens=20))
+    record = metered.record
+    assert record.token_source == "estimated" and record.estimated and record.charged
+    assert record.completion_tokens == tokens.count_text(metered.result.content) > 0
+    assert record.prompt_tokens == tokens.count_messages(MESSAGES)
+    assert record.cost == (Decimal(record.prompt_tokens) * 2 + Decimal(record.completion_tokens) * 3) / 1_000_000
+    assert (await _db(_account, user)).balance == Decimal(1) - record.cost

@@ -8,7 +8,7 @@ class UsageConfig(AppConfig):
 
     def ready(self) -> None:
         from agents.models import LLMModel
-        from usage import pricing
+        from usage import checks, pricing  # noqa: F401 - checks registers the settings check
         from usage.models import ModelPrice
 
         # A price edited in the admin applies to this process's next call at once.
