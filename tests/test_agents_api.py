@@ -198,7 +198,34 @@ def test_metrics_report_calls_and_cost(staff, fake_upstream):
     body = staff.get("/api/ai-services/metrics/").json()
     assert body["summary"]["total_requests"] == 3 and body["summary"]["cache_hits"] == 1
     assert body["summary"]["total_cost"] == "0" and body["cache"]["hits"] == 1
+    summary = body["summary"]
+    assert summary["error_rate"] == 0 and summary["cache_hit_rate"] == pytest.approx(1 / 2)  # 2 lookups, 1 hit
+    assert summary["average_latency_ms"] is not None and summary["average_latency_ms"] >= 0
     dep = body["deployments"][0]
     assert dep["model"] == "met-m" and dep["requests"] == 2 and dep["completion_tokens"] == 10
     assert dep["p50_latency_ms"] is not None and dep["p99_latency_ms"] >= dep["p50_latency_ms"]
     assert LLMModel.objects.filter(name="met-m").exists()
+
+
+def test_metrics_range_and_total_cost_from_usage(staff, fake_upstream):
+    from datetime import timedelta
+
+    from asgiref.sync import async_to_sync
+
+    from agents.llm.types import ChatRequest
+    from usage.metering import CallContext, metered_complete
+    from usage.services import grant_credits
+
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    model = make_fake_model(fake_upstream, "cost-m", upstream_model="cost", input_price="3", output_price="7")
+    fake_upstream.configure("cost", tokens=5)
+    metered = async_to_sync(metered_complete)(CallContext(user=user, entry_point="openai"), ChatRequest(
+        model=model.name, messages=[{"role": "user", "content": "x"}]))
+    assert metered.cost > 0
+    body = staff.get("/api/ai-services/metrics/").json()
+    assert body["summary"]["total_requests"] == 1 and Decimal(body["summary"]["total_cost"]) == metered.cost
+    assert Decimal(body["models"][0]["cost"]) == Decimal(body["deployments"][0]["cost"]) == metered.cost
+    later = (timezone.now() + timedelta(hours=1)).isoformat()
+    empty = staff.get("/api/ai-services/metrics/", {"start": later}).json()
+    assert empty["summary"]["total_requests"] == 0 and empty["summary"]["total_cost"] == "0"
