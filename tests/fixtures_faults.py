@@ -77,21 +77,26 @@ def own_redis():
     server = RedisServer().start()
     yield server
     server.stop()
+    _forget_redis_clients()  # the next test gets clients for its own REDIS_URL
+
+
+def _forget_redis_clients() -> None:
+    from agents.llm import redis_guard
+    from aiwriter import redis as shared_redis
+
+    shared_redis.get_redis.cache_clear()
+    shared_redis._async_clients.clear()
+    redis_guard.reset()
 
 
 def use_redis(settings_fixture, url: str) -> None:
     """Points this process's locks, sequences, limits, cache and channel layer at `url` (pytest-django `settings`)."""
-    from agents.llm import redis_guard
-    from aiwriter import redis as shared_redis
-
     settings_fixture.REDIS_URL = url
     settings_fixture.CACHES = {"default": {
         "BACKEND": "django_redis.cache.RedisCache", "LOCATION": url, "KEY_PREFIX": settings.REDIS_KEY_PREFIX,
         "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient", "IGNORE_EXCEPTIONS": True,
                     "SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1}}}
-    shared_redis.get_redis.cache_clear()
-    shared_redis._async_clients.clear()
-    redis_guard.reset()
+    _forget_redis_clients()
 
 
 @dataclass
