@@ -60,7 +60,9 @@ async def test_db_error_after_upstream_success_is_reconciled_not_free(fake_upstr
         assert hold.status == "held" and hold.result["completion_tokens"] == 9
         account = CreditAccount.objects.get(user=user)
         assert account.reserved == hold.amount and account.balance == 1  # held, not free, not yet charged
-        assert reconcile_reservations(older_than=timedelta(0)) == {"charged": 1, "released": 0}
+        out = io.StringIO()
+        call_command("reconcile_reservations", "--older-than", "0", stdout=out)
+        assert "charged 1, released 0" in out.getvalue()
         assert reconcile_reservations(older_than=timedelta(0)) == {"charged": 0, "released": 0}  # safe twice
 
     await sync_to_async(check_and_reconcile)()
@@ -86,3 +88,21 @@ def test_stale_hold_without_outcome_is_released_by_the_command():
     account.refresh_from_db()
     assert account.reserved == 0 and account.balance == 1
     assert Reservation.objects.get().status == "released"
+
+
+def test_charge_unknown_bills_the_hold_rather_than_a_free_call():
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    account = CreditAccount.objects.get(user=user)
+    CreditAccount.objects.filter(pk=account.pk).update(reserved=Decimal("0.25"))
+    hold = Reservation.objects.create(account=account, amount=Decimal("0.25"), context={
+        "user_id": user.pk, "entry_point": "chat", "model": "x"})
+    Reservation.objects.filter(pk=hold.pk).update(created_at=hold.created_at - timedelta(hours=2))
+    out = io.StringIO()
+    call_command("reconcile_reservations", "--charge-unknown", stdout=out)
+    assert "charged 1" in out.getvalue()
+    account.refresh_from_db()
+    assert account.reserved == 0 and account.balance == Decimal("0.75")
+    record = UsageRecord.objects.get()
+    assert record.charged and record.cost == Decimal("0.25") and record.error_code == "reconciled_unknown"
+    assert LedgerEntry.objects.get(kind="charge").amount == Decimal("-0.25")
