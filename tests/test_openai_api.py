@@ -299,3 +299,61 @@ async def test_empty_balance_is_402_not_retried(fake_gpt, fake_upstream):
     response = await post(account, {"model": "fake-gpt", "messages": MESSAGES, "stream": True})
     assert response.status_code == 402 and response["x-should-retry"] == "false"
     assert response.json()["error"]["code"] == "insufficient_balance" and fake_upstream.requests == []
+
+
+async def test_max_completion_tokens_is_sent_upstream_and_wins_over_max_tokens(openai_account, fake_gpt,
+                                                                                 fake_upstream):
+    response = await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES, "max_completion_tokens": 3})
+    assert fake_upstream.requests[-1]["body"]["max_tokens"] == 3
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+    await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES, "max_tokens": 9,
+                                "max_completion_tokens": 2})
+    assert fake_upstream.requests[-1]["body"]["max_tokens"] == 2
+
+
+async def test_stream_options_without_stream_is_ignored(openai_account, fake_gpt, fake_upstream):
+    response = await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES,
+                                           "stream_options": {"include_usage": True}, "stream": False})
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
+    assert response.json()["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize("field", ["expires_at", "revoked_at"])
+async def test_expired_or_revoked_key_is_401(fake_gpt, fake_upstream, field):
+    from django.utils import timezone
+
+    account = await sync_to_async(make_account)(**{field: timezone.now()})
+    response = await post(account, {"model": "fake-gpt", "messages": MESSAGES})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    models = await AsyncClient().get("/v1/models", headers={"Authorization": account.auth})
+    assert models.status_code == 401 and fake_upstream.requests == []
+
+
+async def test_usage_is_attributed_to_the_keys_user_and_project(fake_gpt, fake_upstream):
+    from usage.models import UsageRecord
+
+    account = await sync_to_async(make_account)(project="newsletter")
+    response = await post(account, {"model": "fake-gpt", "messages": MESSAGES, "stream": True})
+    await read_events(response)
+    response = await post(account, {"model": "fake-gpt", "messages": MESSAGES})
+    records = [r async for r in UsageRecord.objects.filter(api_key=account.key)]
+    assert [(r.user_id, r.project, r.entry_point) for r in records] == [(account.user.pk, "newsletter", "openai")] * 2
+
+
+async def test_agent_on_a_model_outside_the_keys_allowed_models_is_404(fake_gpt, fake_upstream):
+    other = await sync_to_async(make_fake_model)(fake_upstream, "other-gpt")
+    await sync_to_async(make_agent)("on-fake", model=fake_gpt)
+    await sync_to_async(make_agent)("on-other", model=other)
+    account = await sync_to_async(make_account)(allowed_models=[other])
+    assert (await post(account, {"model": "agent:on-fake", "messages": MESSAGES})).status_code == 404
+    assert (await post(account, {"model": "agent:on-other", "messages": MESSAGES})).status_code == 200
+    assert [r["model"] for r in fake_upstream.requests] == ["other-gpt"]
+
+
+async def test_balance_and_budget_errors_have_openais_shape(fake_gpt, fake_upstream):
+    account = await sync_to_async(make_account)(credit=None)
+    response = await post(account, {"model": "fake-gpt", "messages": MESSAGES})
+    assert response.status_code == 402
+    assert response.json() == {"error": {"message": response.json()["error"]["message"], "type": "insufficient_quota",
+                                         "code": "insufficient_balance", "param": None}}
