@@ -106,3 +106,18 @@ def test_a_bad_price_cannot_be_saved_by_any_path():
     with pytest.raises(ValidationError):
         ModelPrice.objects.create(model=model, input_per_million=Decimal("50000"), output_per_million=0,
                                   effective_from=timezone.now())
+
+
+@pytest.mark.django_db
+def test_failed_call_keeps_the_providers_cost_on_its_record_but_is_neither_charged_nor_counted():
+    from usage.models import CreditAccount, Quota, UsageCounter
+    from usage.selectors import quota_status
+
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    Quota.objects.create(user=user, monthly_token_limit=1000)
+    model = make_model(input_price="2", output_price="8")
+    record = simulate_call(user, model=model.name, prompt=500, status="error", billable=False)
+    assert record.status == "error" and record.cost == Decimal("0.001") and not record.charged
+    assert CreditAccount.objects.get(user=user).balance == 1
+    assert quota_status(user=user)["usage"]["tokens"] == 0 and not UsageCounter.objects.filter(tokens__gt=0).exists()
