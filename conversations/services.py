@@ -26,6 +26,7 @@ from agents.models import Agent
 from aiwriter.errors import ApiError
 from conversations import locks, moderation, selectors, sequence
 from conversations.models import Conversation, GenerationLease, Message
+from usage.models import ApiKey
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,18 @@ def resolve_agent(slug_or_id: Any) -> Agent:
     return agent
 
 
+def check_key_access(api_key: Any, agent: Agent) -> None:
+    """An API key limited to some models may only chat with agents whose model is one of them (as on /v1).
+
+    Unknown to the key reads as unknown at all, so a key cannot probe for agents it may not use.
+    """
+    if api_key is None or getattr(api_key, "pk", None) is None:
+        return
+    links = ApiKey.allowed_models.through.objects.filter(apikey_id=api_key.pk)
+    if links.exists() and not links.filter(llmmodel_id=agent.model_id).exists():
+        raise UnknownAgent()
+
+
 def _dedupe_cache_key(user_id: int, agent_id: int, project: str) -> str:
     digest = hashlib.sha256(project.encode()).hexdigest()[:16]
     return f"conv:dedupe:{user_id}:{agent_id}:{digest}"
@@ -88,13 +101,15 @@ def _recent(user, agent: Agent, project: str):
                                        created_at__gte=since)
 
 
-def create_conversation(*, user, agent: Agent, project: str = "", title: str = "") -> tuple[Conversation, bool]:
+def create_conversation(*, user, agent: Agent, project: str = "", title: str = "",
+                        api_key: Any = None) -> tuple[Conversation, bool]:
     """The user's conversation with this agent and project from the last 5 minutes, or a new one.
 
     Returns (conversation, created). Redis (the cache) is only a fast path; the guarantee that 100
     identical concurrent requests make one row is a per-user PostgreSQL advisory lock around the
     check-then-insert.
     """
+    check_key_access(api_key, agent)
     key = _dedupe_cache_key(user.pk, agent.pk, project)
     cached_id = cache.get(key)
     if cached_id:
@@ -150,13 +165,15 @@ def _replay(conversation: Conversation, client_id: str | None) -> Exchange | Non
     return Exchange(conversation=conversation, user_message=reply.reply_to, reply=reply, replay=True)
 
 
-def begin_exchange(*, user, conversation: Conversation, content: Any, client_id: str | None = None) -> Exchange:
+def begin_exchange(*, user, conversation: Conversation, content: Any, client_id: str | None = None,
+                   api_key: Any = None) -> Exchange:
     """Stores the user message and a `processing` reply under the conversation's lock.
 
     Raises ConversationBusy (409) / TooManyConcurrent (429). A repeated client_id returns the first
     exchange (replay) instead. Moderation runs here: a rejected message ends as `content_violation`
     without a lock held and without any model call.
     """
+    check_key_access(api_key, conversation.agent)
     content = _validate_content(content)
     client_id = (client_id or None) and str(client_id)[:64]
     replay = _replay(conversation, client_id)
@@ -188,8 +205,9 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
         raise
 
 
-def begin_retry(*, user, conversation: Conversation, message: Message) -> Exchange:
+def begin_retry(*, user, conversation: Conversation, message: Message, api_key: Any = None) -> Exchange:
     """A new reply to the user message whose reply `message` failed; the failed one is kept as it was."""
+    check_key_access(api_key, conversation.agent)
     if message.role != Message.Role.ASSISTANT or message.status not in selectors.FAILED_STATUSES \
             or message.reply_to_id is None:
         raise NotRetryable()
@@ -295,12 +313,28 @@ def release_lock(exchange: Exchange) -> None:
 
 # --- housekeeping ---------------------------------------------------------------------------------
 
+def _settle_swept_call(reply: Message) -> None:
+    """The dead worker's credit hold: billed for the text that arrived (an estimate), the rest released."""
+    from agents.llm import tokens
+    from usage.services import settle_abandoned_calls
+
+    model = reply.conversation.agent.model.name
+    question = reply.reply_to.content if reply.reply_to else ""
+    prompt_tokens = tokens.count_messages([{"role": "user", "content": question}], model)
+    records = settle_abandoned_calls(message_id=reply.pk, prompt_tokens=prompt_tokens, delivered=reply.content)
+    if records:
+        record = records[-1]
+        Message.objects.filter(pk=reply.pk).update(prompt_tokens=record.prompt_tokens,
+                                                   completion_tokens=record.completion_tokens,
+                                                   usage_estimated=True, cost=record.cost if record.charged else 0)
+
+
 def sweep_stuck_messages(*, older_than_seconds: int) -> int:
     """Ends replies stuck in `processing` with no progress for `older_than_seconds` as `error` (text kept)."""
     cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
     swept = 0
     stuck = Message.objects.filter(role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
-                                   updated_at__lt=cutoff).select_related("conversation", "reply_to")
+                                   updated_at__lt=cutoff).select_related("conversation__agent__model", "reply_to")
     for reply in stuck.iterator():
         with transaction.atomic():
             changed = Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING).update(
@@ -310,5 +344,7 @@ def sweep_stuck_messages(*, older_than_seconds: int) -> int:
                 Message.objects.filter(pk=reply.reply_to_id, status=Message.Status.PENDING).update(
                     status=Message.Status.ERROR, updated_at=timezone.now())
             swept += changed
+        if changed:
+            _settle_swept_call(reply)
     GenerationLease.objects.filter(expires_at__lte=timezone.now()).delete()
     return swept

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -19,6 +20,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
+from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
 from agents.llm import tokens
@@ -264,12 +266,54 @@ def worst_case_cost(request: Any, started_at: datetime) -> Decimal:
     return worst
 
 
+# Quota rows change rarely and are read on every call: kept in process for LLM_ROUTE_CACHE_SECONDS, cleared
+# here at once when a Quota or user is saved or deleted (other processes see a change within that time).
+_limits_cache: dict[tuple, tuple[float, Limits]] = {}
+
+
+def _cached_quota_limits(user_id: int, project: str) -> Limits:
+    key = (user_id, project, settings.DEFAULT_MONTHLY_TOKEN_LIMIT, settings.DEFAULT_MONTHLY_COST_LIMIT)
+    hit = _limits_cache.get(key)
+    if hit is not None and hit[0] > time.monotonic():
+        return hit[1]
+    limits = quota_limits(user_id=user_id, project=project)
+    if len(_limits_cache) >= 10_000:
+        _limits_cache.clear()
+    _limits_cache[key] = (time.monotonic() + settings.LLM_ROUTE_CACHE_SECONDS, limits)
+    return limits
+
+
+def clear_limits_cache(*args: Any, **kwargs: Any) -> None:
+    _limits_cache.clear()
+
+
+for _sender in ("usage.Quota", settings.AUTH_USER_MODEL):
+    post_save.connect(clear_limits_cache, sender=_sender, dispatch_uid=f"usage-limits-cache-save-{_sender}")
+    post_delete.connect(clear_limits_cache, sender=_sender, dispatch_uid=f"usage-limits-cache-delete-{_sender}")
+
+
+def _hold_and_reserve(user_id: int, amount: Decimal, context: dict[str, Any]) -> int | None:
+    """PostgreSQL: the hold and its Reservation row in ONE statement (atomic by itself, so no BEGIN/COMMIT round
+    trips). Returns the reservation id, or None when the free balance is short or there is no account."""
+    accounts, reservations = _q(CreditAccount._meta.db_table), _q(Reservation._meta.db_table)
+    now = timezone.now()
+    sql = (f"WITH held AS (UPDATE {accounts} SET reserved = reserved + %s, updated_at = %s "
+           f"WHERE user_id = %s AND balance - reserved >= %s RETURNING id) "
+           f"INSERT INTO {reservations} (account_id, amount, status, context, created_at) "
+           f"SELECT id, %s, %s, %s::jsonb, %s FROM held RETURNING id")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [amount, now, user_id, amount, amount, Reservation.Status.HELD,
+                             json.dumps(context), now])
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
 def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPlan:
     """Checks quota and key budget, then holds the worst-case cost. Raises before any model call when refused."""
     started_at = now or timezone.now()
     period = periods.month_start(started_at)
     user_id = ctx.user.pk
-    limits = quota_limits(user_id=user_id, project=ctx.project or "")
+    limits = _cached_quota_limits(user_id, ctx.project or "")
     plan = CallPlan(started_at=started_at, period=period, limits=limits)
     if ctx.debug:
         return plan  # staff debug runs are never charged nor counted
@@ -277,6 +321,14 @@ def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPl
     amount = worst_case_cost(request, started_at)
     if amount <= 0:
         return plan  # free models need no balance
+    context = {**call_meta(ctx), "started_at": started_at.isoformat(), "period": period.isoformat(),
+               "model": request.model}
+    if connection.vendor == "postgresql":
+        reservation_id = _hold_and_reserve(user_id, amount, context)
+        if reservation_id is not None:
+            plan.reservation_id, plan.reserved = reservation_id, amount
+            return plan
+    # Other backends, and on PostgreSQL a refused hold: no account yet (created here) or the balance is short.
     with transaction.atomic():
         account_id = _hold(user_id, amount)
         if account_id is None and not CreditAccount.objects.filter(user_id=user_id).exists():
@@ -284,10 +336,7 @@ def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPl
             account_id = _hold(user_id, amount)
         if account_id is None:
             raise InsufficientBalance(extra={"required": str(amount.normalize())})
-        reservation = Reservation.objects.create(account_id=account_id, amount=amount, context={
-            **call_meta(ctx), "started_at": started_at.isoformat(), "period": period.isoformat(),
-            "model": request.model,
-        })
+        reservation = Reservation.objects.create(account_id=account_id, amount=amount, context=context)
     plan.reservation_id, plan.reserved = reservation.pk, amount
     return plan
 
@@ -310,6 +359,11 @@ def record_call(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome) -
     charge = outcome.billable and not debug
     now = timezone.now()
     user_id = meta["user_id"]
+    if connection.vendor == "postgresql" and not debug:
+        try:
+            return _record_call_pg(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge, now=now)
+        except _SlowPath:
+            pass  # rolled back: the balance does not cover the cost (or no account); the general path below decides
     with transaction.atomic():
         record = UsageRecord.objects.create(
             user_id=user_id, project=meta.get("project", ""), agent_id=meta.get("agent_id"),
@@ -351,6 +405,111 @@ def record_call(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome) -
         if not debug:
             alerts = _count(meta=meta, plan=plan, outcome=outcome, record=record, charged=charged if charge else ZERO,
                             counted=charge)
+    return record, alerts
+
+
+class _SlowPath(Exception):
+    """The one-statement path could not settle the call in full: roll it back and take the general path."""
+
+
+def _record_call_pg(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome, cost: Decimal, charge: bool,
+                    now: datetime) -> tuple[UsageRecord, list[QuotaAlert]]:
+    """PostgreSQL: what record_call writes (record, hold settled, charge, ledger entry, counters, rollup) as ONE
+    statement of data-modifying CTEs, in one transaction with any quota alert it raises.
+
+    The common case only: the charge is covered in full. Otherwise (the balance no longer covers the cost, no
+    account) it raises _SlowPath inside the transaction, so nothing of it stays, and record_call goes the general
+    way. Same rows, same values, same conditional updates as the general path; one round trip instead of six to
+    nine, and no ORM compilation on the hot path.
+    """
+    user_id, project = meta["user_id"], meta.get("project", "")
+    to_charge = cost if charge else ZERO
+    record = UsageRecord(
+        user_id=user_id, project=project, agent_id=meta.get("agent_id"),
+        conversation_id=meta.get("conversation_id"), message_id=meta.get("message_id"),
+        api_key_id=meta.get("api_key_id"), provider=outcome.provider, model=outcome.model,
+        upstream_model=outcome.upstream_model, prompt_tokens=outcome.prompt_tokens,
+        cached_prompt_tokens=outcome.cached_prompt_tokens, completion_tokens=outcome.completion_tokens,
+        total_tokens=outcome.prompt_tokens + outcome.completion_tokens, token_source=outcome.token_source,
+        cost=cost, cached=outcome.cache_hit, debug=False, fallback=outcome.fallback,
+        charged=charge and cost > 0, status=outcome.status, error_code=outcome.error_code[:50],
+        latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms, entry_point=meta["entry_point"],
+        workflow_type=meta.get("workflow_type", ""), metadata=outcome.metadata,
+        idempotency_key=meta.get("idempotency_key"), created_at=plan.started_at,
+    )
+    fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
+    columns = ", ".join(_q(f.column) for f in fields)
+    params: list[Any] = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in fields]
+    ctes = [f"rec AS (INSERT INTO {_q(UsageRecord._meta.db_table)} ({columns}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id)"]
+    settles = bool(plan.reservation_id) or to_charge > 0
+    if plan.reservation_id:
+        ctes.append(f"res AS (UPDATE {_q(Reservation._meta.db_table)} SET status = %s, settled_at = %s, "
+                    f"usage_record_id = (SELECT id FROM rec) WHERE id = %s AND status = %s RETURNING id)")
+        params += [Reservation.Status.SETTLED if charge else Reservation.Status.RELEASED, now, plan.reservation_id,
+                   Reservation.Status.HELD]
+        # A reconcile may have released the hold already: then there is nothing of it to drop.
+        held = "(%s * (SELECT count(*) FROM res))"
+        held_params = [plan.reserved]
+    else:
+        held, held_params = "0", []
+    if settles:
+        ctes.append(f"acct AS (UPDATE {_q(CreditAccount._meta.db_table)} SET balance = balance - %s, "
+                    f"reserved = reserved - {held}, updated_at = %s "
+                    f"WHERE user_id = %s AND balance - %s >= reserved - {held} RETURNING id, balance)")
+        params += [to_charge, *held_params, now, user_id, to_charge, *held_params]
+    if to_charge > 0:
+        ctes.append(f"led AS (INSERT INTO {_q(LedgerEntry._meta.db_table)} (account_id, amount, kind, reason, "
+                    f"usage_record_id, balance_after, created_at) SELECT acct.id, %s, %s, %s, rec.id, acct.balance, %s "
+                    f"FROM acct, rec)")
+        params += [-to_charge, LedgerEntry.Kind.CHARGE, f"{outcome.model} ({meta['entry_point']})"[:255], now]
+    scopes = list(dict.fromkeys(["", project])) if charge else []
+    used_tokens = 0 if outcome.cache_hit else record.total_tokens
+    counters = _q(UsageCounter._meta.db_table)
+    for i, scope in enumerate(scopes):
+        ctes.append(f"c{i} AS (INSERT INTO {counters} (user_id, project, period, tokens, cost) "
+                    f"VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, project, period) DO UPDATE SET "
+                    f"tokens = {counters}.tokens + EXCLUDED.tokens, cost = {counters}.cost + EXCLUDED.cost "
+                    f"RETURNING tokens, cost)")
+        params += [user_id, scope, plan.period, used_tokens, to_charge]
+    if charge and meta.get("api_key_id"):
+        keys = _q(ApiKeyCounter._meta.db_table)
+        ctes.append(f"kc AS (INSERT INTO {keys} (api_key_id, period, tokens, cost) VALUES (%s, %s, %s, %s) "
+                    f"ON CONFLICT (api_key_id, period) DO UPDATE SET tokens = {keys}.tokens + EXCLUDED.tokens, "
+                    f"cost = {keys}.cost + EXCLUDED.cost)")
+        params += [meta["api_key_id"], plan.period, used_tokens, to_charge]
+    rollups = _q(DailyRollup._meta.db_table)
+    sums = ("calls", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "total_tokens", "cost")
+    ctes.append(f"roll AS (INSERT INTO {rollups} (user_id, project, agent_id, provider, model, day, {', '.join(sums)}) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"ON CONFLICT (user_id, project, agent_id, provider, model, day) DO UPDATE SET "
+                + ", ".join(f"{c} = {rollups}.{c} + EXCLUDED.{c}" for c in sums) + ")")
+    params += [user_id, project, meta.get("agent_id") or 0, record.provider, record.model,
+               periods.local_day(record.created_at), 1, int(record.status != UsageRecord.Status.SUCCESS),
+               int(record.cached), record.prompt_tokens, record.completion_tokens, record.total_tokens,
+               cost if record.charged else ZERO]
+    picks = ["(SELECT id FROM rec)", "(SELECT count(*) FROM acct)" if settles else "1"]
+    picks += [f"(SELECT tokens FROM c{i}), (SELECT cost FROM c{i})" for i in range(len(scopes))]
+    sql = "WITH " + ", ".join(ctes) + " SELECT " + ", ".join(picks)
+    alerts: list[QuotaAlert] = []
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if not row[1]:
+            raise _SlowPath  # rolls the whole statement back
+        record.pk = row[0]
+        record._state.adding, record._state.db = False, connection.alias
+        for i, scope in enumerate(scopes):
+            limit = plan.limits.scopes.get(scope)
+            if limit:
+                alert = _maybe_alert(user_id=user_id, project=scope, period=plan.period, limit=limit,
+                                     tokens_used=int(row[2 + 2 * i]), cost_used=_dec(row[3 + 2 * i]))
+                if alert:
+                    alerts.append(alert)
+        # Receivers (model-call metrics) see the record as if the ORM had saved it.
+        post_save.send(sender=UsageRecord, instance=record, created=True, update_fields=None, raw=False,
+                       using=connection.alias)
     return record, alerts
 
 
@@ -481,6 +640,41 @@ def reconcile_reservations(*, older_than: timedelta = timedelta(hours=1), charge
                 done["released"] += 1
     deliver_alerts(alerts)
     return done
+
+
+def settle_abandoned_calls(*, message_id: int, prompt_tokens: int, delivered: str) -> list[UsageRecord]:
+    """Holds of calls whose worker died mid-stream (the sweeper found their reply stuck in `processing`).
+
+    Each gets its usage record now: prompt + the text that arrived (checkpointed on the reply), estimated and
+    billed as partial like any cut-off stream; the rest of the hold is released. Safe to run twice.
+    """
+    records = []
+    ids = list(Reservation.objects.filter(status=Reservation.Status.HELD, context__message_id=message_id)
+               .values_list("id", flat=True))
+    for reservation_id in ids:
+        with transaction.atomic():
+            reservation = (Reservation.objects.select_for_update(skip_locked=True)
+                           .filter(pk=reservation_id, status=Reservation.Status.HELD).first())
+            if reservation is None:
+                continue
+            meta = dict(reservation.context)
+            started_at = datetime.fromisoformat(meta.pop("started_at")) if meta.get("started_at") else \
+                reservation.created_at
+            meta.pop("period", None)
+            model = meta.get("model", "")
+            plan = CallPlan(started_at=started_at, period=periods.month_start(started_at),
+                            limits=quota_limits(user_id=meta["user_id"], project=meta.get("project", "")),
+                            reservation_id=reservation.pk, reserved=reservation.amount)
+            completion = tokens.count_text(delivered, model)
+            outcome = CallOutcome(status=UsageRecord.Status.ERROR, model=model, prompt_tokens=prompt_tokens,
+                                  completion_tokens=completion, billable=completion > 0,
+                                  token_source=UsageRecord.TokenSource.PARTIAL if completion else
+                                  UsageRecord.TokenSource.ESTIMATED, error_code="worker_lost",
+                                  metadata={"swept": True})
+            record, alerts = record_call(meta=meta, plan=plan, outcome=outcome)
+        deliver_alerts(alerts)
+        records.append(record)
+    return records
 
 
 # --- Consumption reported by trusted services (seed 000's ConsumeQuota) -------------------------------------------
