@@ -181,11 +181,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def _begin(self, conversation_id, agent, project, content, client_id) -> services.Exchange:
         if conversation_id is None:
             conversation, _ = services.create_conversation(user=self.user, agent=services.resolve_agent(agent),
-                                                           project=project)
+                                                           project=project, api_key=self.api_key)
         else:
             conversation = selectors.conversation_for(user=self.user, conversation_id=conversation_id)
         return services.begin_exchange(user=self.user, conversation=conversation, content=content,
-                                       client_id=client_id)
+                                       client_id=client_id, api_key=self.api_key)
 
     async def _generate(self, exchange: services.Exchange, group: str) -> None:
         sender = GroupSender(self.channel_layer, group)

@@ -41,6 +41,7 @@ class ConversationListView(GenericAPIView):
     def get_queryset(self):
         return selectors.conversation_list(user=self.request.user)
 
+    @extend_schema(responses=ConversationSerializer(many=True))
     def get(self, request):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(ConversationSerializer(page, many=True).data)
@@ -55,7 +56,7 @@ class ConversationListView(GenericAPIView):
             project = getattr(request.auth, "project", "") or ""
         conversation, created = services.create_conversation(
             user=request.user, agent=services.resolve_agent(data.validated_data["agent"]), project=project,
-            title=data.validated_data["title"])
+            title=data.validated_data["title"], api_key=request.auth)
         return Response(ConversationSerializer(conversation).data, status=201 if created else 200)
 
 
@@ -84,12 +85,14 @@ class ConversationDetailView(APIView):
 
 class MessageListView(GenericAPIView):
     serializer_class = MessageSerializer
+    calls_models = True  # the POST runs the model: documents 402/502/504 (aiwriter/openapi.py)
 
     def get_queryset(self):
         conversation = selectors.conversation_for(user=self.request.user,
                                                   conversation_id=self.kwargs["conversation_id"])
         return selectors.message_list(conversation=conversation)
 
+    @extend_schema(responses=MessageSerializer(many=True))
     def get(self, request, conversation_id: int):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(MessageSerializer(page, many=True).data)
@@ -101,16 +104,18 @@ class MessageListView(GenericAPIView):
         data.is_valid(raise_exception=True)
         exchange = services.begin_exchange(user=request.user, conversation=conversation,
                                            content=data.validated_data["content"],
-                                           client_id=data.validated_data.get("client_id"))
+                                           client_id=data.validated_data.get("client_id"), api_key=request.auth)
         return _reply_response(request, exchange)
 
 
 class MessageRetryView(APIView):
+    calls_models = True
     @extend_schema(request=None, responses={200: MessageSerializer, 201: MessageSerializer})
     def post(self, request, conversation_id: int, message_id: int):
         conversation = selectors.conversation_for(user=request.user, conversation_id=conversation_id)
         message = selectors.message_for(conversation=conversation, message_id=message_id)
-        exchange = services.begin_retry(user=request.user, conversation=conversation, message=message)
+        exchange = services.begin_retry(user=request.user, conversation=conversation, message=message,
+                                        api_key=request.auth)
         return _reply_response(request, exchange)
 
 

@@ -331,3 +331,19 @@ async def test_same_client_id_replays_a_failure_with_the_same_error_frame(alice_
     assert await communicator.receive_json_from(timeout=TIMEOUT) == first
     assert len(fake_upstream.requests) == calls
     await communicator.disconnect()
+
+
+async def test_a_key_limited_to_other_models_cannot_chat_with_this_agent(alice, chat_agent, fake_upstream):
+    from tests.factories import make_fake_model
+
+    def limited_key():
+        key, raw = make_api_key(alice, name="limited")
+        key.allowed_models.add(make_fake_model(fake_upstream, "other-model"))
+        return raw
+
+    communicator = await _connect(await sync_to_async(limited_key)())
+    await communicator.send_json_to(_message())
+    frame = await communicator.receive_json_from(timeout=TIMEOUT)
+    assert frame["type"] == "error" and frame["code"] == "unknown_agent"
+    assert await Conversation.objects.acount() == 0 and fake_upstream.requests == []
+    await communicator.disconnect()

@@ -99,3 +99,34 @@ def test_bob_gets_404_for_everything_of_alices(alice_client, bob_client, chat_ag
 
 def test_anonymous_requests_are_refused(client, db):
     assert client.get("/api/conversations/").status_code in (401, 403)
+
+
+def test_a_key_limited_to_other_models_cannot_chat_with_this_agent(alice, alice_client, chat_agent, chat_model,
+                                                                   fake_upstream):
+    from rest_framework.test import APIClient
+
+    from tests.factories import make_api_key, make_fake_model
+
+    other = make_fake_model(fake_upstream, "other-model")
+    limited, limited_raw = make_api_key(alice, name="limited")
+    limited.allowed_models.add(other)
+    allowed, allowed_raw = make_api_key(alice, name="allowed")
+    allowed.allowed_models.add(chat_model, other)
+    cid = _create(alice_client, chat_agent).json()["id"]  # a session may use every agent
+    fake_upstream.configure("chat-model", status=500)
+    failed = alice_client.post(f"/api/conversations/{cid}/messages/", {"content": "hi"}, format="json")
+    mid = failed.json()["error"]["message_id"]
+    fake_upstream.reset()
+
+    key_client = APIClient()
+    key_client.credentials(HTTP_AUTHORIZATION=f"Bearer {limited_raw}")
+    for url, body in [("/api/conversations/", {"agent": "helper", "project": "k"}),
+                      (f"/api/conversations/{cid}/messages/", {"content": "hello"}),
+                      (f"/api/conversations/{cid}/messages/{mid}/retry/", None)]:
+        response = key_client.post(url, body, format="json")
+        assert response.status_code == 400 and response.json()["error"]["code"] == "unknown_agent", url
+    assert fake_upstream.requests == [] and Conversation.objects.count() == 1
+
+    key_client.credentials(HTTP_AUTHORIZATION=f"Bearer {allowed_raw}")
+    assert key_client.post(f"/api/conversations/{cid}/messages/", {"content": "hello"}, format="json"
+                           ).status_code == 201
