@@ -226,3 +226,18 @@ def test_monthly_quota_used_up_is_told_like_a_low_balance(alice, alice_client, c
     assert len(fake_upstream.requests) == 1
     again = _send(alice_client, cid, "second", client_id="q2")  # a replay tells the same, not "insufficient_balance"
     assert (again.status_code, again.json()) == (429, response.json())
+
+
+def shouting_hook(text: str) -> str | None:
+    """A stand-in for a classifier: MODERATION_HOOK may name any `(text) -> reason | None` callable."""
+    return "No shouting." if text.isupper() else None
+
+
+def test_the_moderation_hook_is_pluggable(alice_client, chat_agent, fake_upstream, settings):
+    settings.MODERATION_HOOK = "tests.test_messages_api.shouting_hook"
+    cid = _conversation(alice_client, chat_agent)
+    response = _send(alice_client, cid, "HELLO THERE")
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["code"] == "content_violation" and error["message"] == "No shouting."
+    assert fake_upstream.requests == []
+    assert _send(alice_client, cid, "hello there").status_code == 201
