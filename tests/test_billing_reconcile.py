@@ -14,6 +14,8 @@ from agents.llm.types import ChatRequest
 from tests.factories import make_fake_model, make_user
 from usage.metering import CallContext, metered_complete
 from usage.models import CreditAccount, LedgerEntry, Reservation, UsageRecord
+from usage.periods import local_day
+from usage.selectors import UsageFilter, quota_status, usage_stats
 from usage.services import grant_credits, reconcile_reservations
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
@@ -106,3 +108,9 @@ def test_charge_unknown_bills_the_hold_rather_than_a_free_call():
     record = UsageRecord.objects.get()
     assert record.charged and record.cost == Decimal("0.25") and record.error_code == "reconciled_unknown"
     assert LedgerEntry.objects.get(kind="charge").amount == Decimal("-0.25")
+    # The late charge counts toward the quota, and the rollups still agree with the records.
+    assert quota_status(user=user)["usage"]["cost"] == "0.25"
+    day = local_day(record.created_at)
+    flt = UsageFilter(user_id=user.pk, start=day, end=day)
+    assert usage_stats(flt) == usage_stats(flt, source="records")
+    assert usage_stats(flt)["totals"]["cost"] == "0.25"

@@ -582,6 +582,23 @@ def _maybe_alert(*, user_id: int, project: str, period: date, limit: tuple[int, 
     return QuotaAlert(pk=row[0], user_id=user_id, project=project, period=period, level=level, message=message)
 
 
+def _count_late_charge(*, meta: dict[str, Any], plan: CallPlan, record: UsageRecord, charged: Decimal) -> None:
+    """Money charged after record_call (a reconciled hold): into the month's counters and the day's rollup too, so
+    quotas see it and the rollups keep agreeing with the records."""
+    user_id, project = meta["user_id"], meta.get("project", "")
+    for scope in dict.fromkeys(["", project]):
+        _upsert_add(UsageCounter, {"user_id": user_id, "project": scope, "period": plan.period},
+                    {"tokens": 0, "cost": charged})
+    if meta.get("api_key_id"):
+        _upsert_add(ApiKeyCounter, {"api_key_id": meta["api_key_id"], "period": plan.period},
+                    {"tokens": 0, "cost": charged})
+    _upsert_add(DailyRollup, {
+        "user_id": user_id, "project": project, "agent_id": meta.get("agent_id") or 0, "provider": record.provider,
+        "model": record.model, "day": periods.local_day(record.created_at),
+    }, {"calls": 0, "errors": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+        "cost": charged})
+
+
 def save_pending_result(*, plan: CallPlan, outcome: CallOutcome) -> bool:
     """After a failed record_call: keep the call's outcome on its hold for `reconcile_reservations`."""
     if not plan.reservation_id:
@@ -632,6 +649,7 @@ def reconcile_reservations(*, older_than: timedelta = timedelta(hours=1), charge
                     _ledger_charge(account_id, charged, balance_after, record, outcome.model, "reconcile")
                     record.cost, record.charged = charged, True
                     record.save(update_fields=["cost", "charged"])
+                    _count_late_charge(meta=meta, plan=plan, record=record, charged=charged)
                 done["charged"] += 1
             else:
                 _settle_account(meta["user_id"], ZERO, reservation.amount)
