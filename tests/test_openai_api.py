@@ -357,3 +357,28 @@ async def test_balance_and_budget_errors_have_openais_shape(fake_gpt, fake_upstr
     assert response.status_code == 402
     assert response.json() == {"error": {"message": response.json()["error"]["message"], "type": "insufficient_quota",
                                          "code": "insufficient_balance", "param": None}}
+
+
+@pytest.mark.parametrize("project", ["", "newsletter"])
+async def test_used_up_monthly_quota_is_429_insufficient_quota_before_the_upstream(fake_gpt, fake_upstream, project):
+    from usage.models import Quota
+
+    account = await sync_to_async(make_account)(project=project)
+    await Quota.objects.acreate(user=account.user, project=project, monthly_token_limit=1)
+    assert (await post(account, {"model": "fake-gpt", "messages": MESSAGES})).status_code == 200  # under it before
+    response = await post(account, {"model": "fake-gpt", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 429 and response["x-should-retry"] == "false"
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("insufficient_quota", "quota_exceeded", None)
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_disabled_models_and_agents_are_neither_listed_nor_served(openai_account, fake_gpt, fake_upstream):
+    off = await sync_to_async(make_fake_model)(fake_upstream, "off-gpt", enabled=False)
+    await sync_to_async(make_agent)("on-off-model", model=off)
+    await sync_to_async(make_agent)("switched-off", model=fake_gpt, enabled=False)
+    listed = await AsyncClient().get("/v1/models", headers={"Authorization": openai_account.auth})
+    assert [m["id"] for m in listed.json()["data"]] == ["fake-gpt"]
+    for name in ("off-gpt", "agent:on-off-model", "agent:switched-off"):
+        assert (await post(openai_account, {"model": name, "messages": MESSAGES})).status_code == 404, name
+    assert fake_upstream.requests == []
