@@ -5,6 +5,7 @@ import uuid
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
+from aiwriter.errors import error_response
 from aiwriter.logging import request_id_var
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -43,3 +44,29 @@ class RequestIdMiddleware:
         response = await self.get_response(request)
         response["X-Request-ID"] = request_id
         return response
+
+
+class RejectNulMiddleware:
+    """A NUL character in the query string is bad input everywhere: 400 before any view can pass it to PostgreSQL."""
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    @staticmethod
+    def _refusal(request):
+        if any("\x00" in key or any("\x00" in v for v in values) for key, values in request.GET.lists()):
+            return error_response("bad_request", "Query parameters may not contain NUL characters.", 400)
+        return None
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return self._refusal(request) or self.get_response(request)
+
+    async def __acall__(self, request):
+        return self._refusal(request) or await self.get_response(request)

@@ -76,6 +76,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "aiwriter.observability.ObservabilityMiddleware",  # outermost: HTTP metrics + Server-Timing
     "aiwriter.middleware.RequestIdMiddleware",
+    "aiwriter.middleware.RejectNulMiddleware",  # NUL in a query string: 400, never a database error
     "django.middleware.security.SecurityMiddleware",
     "aiwriter.static.AsyncWhiteNoiseMiddleware",  # async-capable: keeps the chain async (aiwriter/static.py)
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -206,12 +207,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "aiwriter.openapi.AutoSchema",  # documents the error answers too
     "EXCEPTION_HANDLER": "aiwriter.errors.api_exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["aiwriter.parsers.JSONParser"],  # refuses NUL characters (400)
     "COERCE_DECIMAL_TO_STRING": True,
 }
 SPECTACULAR_SETTINGS = {

@@ -103,6 +103,8 @@ class UsageStatsView(APIView):
 
 
 class UsageRecordsView(APIView):
+    pagination_class = LimitOffsetPagination  # for the schema: the list is paginated below
+
     @extend_schema(parameters=[UsageQuerySerializer], responses=UsageRecordSerializer(many=True))
     def get(self, request):
         flt, _ = _filter(request)
@@ -135,6 +137,12 @@ class UsageRecordsExportView(APIView):
     """The filtered records as CSV, streamed (a year of records never sits in memory)."""
 
     renderer_classes = [renderers.JSONRenderer, CSVRenderer]
+
+    def handle_exception(self, exc):
+        # Errors are JSON (the documented error shape) even when CSV was asked for.
+        self.request.accepted_renderer = renderers.JSONRenderer()
+        self.request.accepted_media_type = "application/json"
+        return super().handle_exception(exc)
 
     @extend_schema(parameters=[UsageQuerySerializer], responses={(200, "text/csv"): str})
     def get(self, request):
@@ -183,6 +191,8 @@ class BalanceView(APIView):
 
 
 class LedgerView(APIView):
+    pagination_class = LimitOffsetPagination  # for the schema: the list is paginated below
+
     @extend_schema(responses=LedgerEntrySerializer(many=True))
     def get(self, request):
         subject = _subject(request, request.query_params.get("user"))

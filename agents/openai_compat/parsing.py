@@ -118,6 +118,8 @@ def parse_body(raw: bytes) -> CompletionParams:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required.", "model", "missing_required_parameter")
+    if "\x00" in model:  # PostgreSQL cannot compare text with NUL: bad input, not a 500
+        raise _bad("'model' may not contain NUL characters.", "model", "invalid_value")
     n = body.get("n")
     if n is not None and n != 1:
         raise _bad("Only n=1 is supported.", "n", "invalid_value")

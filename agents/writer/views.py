@@ -23,6 +23,7 @@ def _caller(request: Request) -> dict:
 
 class GenerateTextView(APIView):
     """Writes text for a prompt."""
+    calls_models = True  # documents 402/502/504 (aiwriter/openapi.py)
 
     @extend_schema(request=serializers.GenerateTextInput, responses=serializers.TextOutput)
     def post(self, request: Request) -> Response:
@@ -37,6 +38,7 @@ class GenerateTextView(APIView):
 
 class TopicsView(APIView):
     """A list of topic ideas for a subject."""
+    calls_models = True  # documents 402/502/504 (aiwriter/openapi.py)
 
     @extend_schema(request=serializers.TopicsInput, responses=serializers.TopicsOutput)
     def post(self, request: Request) -> Response:
@@ -51,6 +53,7 @@ class TopicsView(APIView):
 
 class OptimizeView(APIView):
     """Rewrites content for a stated goal."""
+    calls_models = True  # documents 402/502/504 (aiwriter/openapi.py)
 
     @extend_schema(request=serializers.OptimizeInput, responses=serializers.TextOutput)
     def post(self, request: Request) -> Response:
