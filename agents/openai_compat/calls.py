@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from agents.llm import tokens
 from agents.llm.agent_request import build_agent_request
 from agents.llm.types import ChatRequest, ChatResult
-from agents.openai_compat import keylimits
+from agents.openai_compat import hotcache, keylimits
 from agents.openai_compat.targets import Target, resolve_target
 from aiwriter.errors import ApiError
 from usage.metering import CallContext
@@ -70,8 +70,12 @@ async def prepare_call(*, account: Any, api_key: Any, model_name: str, messages:
                        entry_point: str, max_tokens: int | None = None,
                        options: dict[str, Any] | None = None) -> PreparedCall:
     """Resolves the target (ModelNotFound if unknown or not allowed for the key), builds the request,
-    checks the context window and the key's rate limits (KeyRateLimited). Makes one query."""
-    target = await sync_to_async(resolve_target)(model_name, api_key)
+    checks the context window and the key's rate limits (KeyRateLimited). Makes one query, none when
+    the target is in this process's cache (hotcache)."""
+    target = hotcache.get_target(model_name, api_key)  # on the loop: no query, no thread hop
+    if target is None:
+        target = await sync_to_async(resolve_target)(model_name, api_key)
+        hotcache.put_target(model_name, api_key, target)
     project = api_key.project if api_key is not None else ""
     request = build_request(target, messages, account=account, project=project, max_tokens=max_tokens,
                             options=options)

@@ -18,8 +18,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.llm.types import LLMError, ModelNotFound, TextDelta
-from agents.openai_compat import calls, errors, parsing, responses, targets
+from agents.openai_compat import calls, errors, hotcache, parsing, responses, targets
 from aiwriter.errors import ApiError
+from aiwriter.observability import timing
 from usage.authentication import bearer_token, resolve_api_key
 from usage.metering import MeteredResult, metered_complete, metered_stream
 from usage.models import ApiKey
@@ -56,9 +57,15 @@ def openai_view(method: str) -> Callable[[View], View]:
 
 async def _authenticate(request: HttpRequest) -> ApiKey:
     raw = bearer_token(request.headers.get("Authorization", ""))
-    api_key = await sync_to_async(resolve_api_key)(raw) if raw else None
-    if api_key is None:
+    if not raw:
         raise errors.invalid_api_key()
+    with timing("auth"):
+        api_key = hotcache.get_key(raw)  # on the loop: no query, no thread hop
+        if api_key is None:
+            api_key = await sync_to_async(resolve_api_key)(raw)
+            if api_key is None:
+                raise errors.invalid_api_key()
+            hotcache.put_key(raw, api_key)
     return api_key
 
 
