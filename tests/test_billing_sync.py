@@ -147,3 +147,17 @@ def test_a_user_locked_by_another_run_is_skipped_not_failed(billing_receiver):
         assert "ann: skipped" in out and billing_receiver.received == []
     # The other run's connection is gone (killed or finished): its lock went with it.
     assert "synced 2 records" in _sync(billing_receiver)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_delays_double_each_time(billing_receiver, monkeypatch):
+    from usage import sync
+
+    ann = make_user("ann")
+    _records([ann], 2)
+    delays = []
+    monkeypatch.setattr(sync.time, "sleep", delays.append)  # record the backoff instead of waiting it out
+    billing_receiver.fail_next = 3
+    report = sync.sync_usage(url=billing_receiver.url, retries=4, backoff=0.5)
+    assert delays == [0.5, 1.0, 2.0] and report.records == 2 and not report.failed
+    assert len(billing_receiver.received) == 4 and len({key for key, _ in billing_receiver.received}) == 1
