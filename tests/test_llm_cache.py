@@ -77,3 +77,16 @@ async def test_redis_tier_is_shared_through_redis(fake_upstream, model):
 
     await service.complete(_req(model, temperature=0))
     assert any(b"llmcache" in k for k in get_redis().keys("*"))
+
+
+def test_memory_tier_expires_entries_and_evicts_the_least_recently_used(monkeypatch):
+    tier = cache.MemoryTier(max_entries=2, ttl=10)
+    now = [1000.0]
+    monkeypatch.setattr(cache.time, "monotonic", lambda: now[0])
+    tier.set("m:a", {"content": "a"})
+    tier.set("m:b", {"content": "b"})
+    assert tier.get("m:a") == {"content": "a"}  # a is now the most recently used
+    tier.set("m:c", {"content": "c"})
+    assert tier.get("m:b") is None and tier.get("m:a") and tier.get("m:c")
+    now[0] += 11
+    assert tier.get("m:a") is None and tier.size() == 1

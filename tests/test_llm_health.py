@@ -151,3 +151,14 @@ def test_an_unhealthy_deployment_recovers_after_a_quiet_spell(fake_upstream, set
     monkeypatch.setattr(health, "RETRY_UNHEALTHY_AFTER", 0.0)  # the quiet spell has passed
     served = {_call("rec").upstream_model for _ in range(4)}
     assert "flaky" in served and _rows()["flaky"]["status"] != "unhealthy"
+
+
+def test_slow_deployment_is_degraded_but_still_served(fake_upstream, settings):
+    settings.LLM_SLOW_LATENCY_MS = 100
+    make_fake_model(fake_upstream, "slowish", upstream_model="sl")
+    fake_upstream.configure("sl", tokens=2, latency=0.15)
+    for _ in range(4):
+        assert _call("slowish").upstream_model == "sl"
+    row = _rows()["sl"]
+    assert row["status"] == "degraded" and row["error_rate"] == 0 and row["response_time_ms"] >= 100
+    assert selectors.service_health()["status"] == "degraded"
