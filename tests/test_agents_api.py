@@ -229,3 +229,20 @@ def test_metrics_range_and_total_cost_from_usage(staff, fake_upstream):
     later = (timezone.now() + timedelta(hours=1)).isoformat()
     empty = staff.get("/api/ai-services/metrics/", {"start": later}).json()
     assert empty["summary"]["total_requests"] == 0 and empty["summary"]["total_cost"] == "0"
+
+
+def test_cache_clear_by_pattern_through_the_api(staff, fake_upstream):
+    from asgiref.sync import async_to_sync
+
+    from agents.llm import service
+    from agents.llm.types import ChatRequest
+
+    make_fake_model(fake_upstream, "clr-m", upstream_model="clr")
+    request = ChatRequest(model="clr-m", temperature=0, messages=[{"role": "user", "content": "x"}])
+    async_to_sync(service.complete)(request)
+    assert async_to_sync(service.complete)(request).cache_hit
+    assert staff.post("/api/ai-services/cache/clear/", {"pattern": "other-m:*"}, format="json").json() == {
+        "cleared": {"memory": 0, "redis": 0}}
+    assert staff.post("/api/ai-services/cache/clear/", {"pattern": "clr-m:*", "tier": "all"},
+                      format="json").json() == {"cleared": {"memory": 1, "redis": 1}}
+    assert not async_to_sync(service.complete)(request).cache_hit
