@@ -1,25 +1,34 @@
 """Fixtures for the web tests (loaded from tests/conftest.py).
 
 `operator` / `operator_client`: a superuser and a Django test client logged in as them.
+`web_server`: a live daphne (one per test module) against the test database, for the browser tests.
 `browser_page`: a Playwright page in Debian's chromium (skipped with a reason when either is missing);
-a failing test leaves a screenshot in test-artifacts/. Use it with `live_server_daphne`.
+a failing test leaves a screenshot in test-artifacts/. Use it with `web_server`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-# Each browser action waits at most this long (ms), so a broken page fails fast instead of hanging.
-BROWSER_TIMEOUT_MS = 10_000
+# Each browser action waits at most this long (ms): generous for a loaded 2-core machine, yet a broken page
+# fails within the test's own timeout instead of hanging. Tests wait for conditions, never for fixed times.
+BROWSER_TIMEOUT_MS = 20_000
 
 
 @pytest.fixture
@@ -42,13 +51,85 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"_report_{report.when}", report)
 
 
-@pytest.fixture
-def browser_page(request, monkeypatch):
-    """A Playwright page in a fresh chromium; on failure a full-page screenshot goes to test-artifacts/<test>.png.
+@pytest.fixture(scope="module")
+def web_server_env() -> dict[str, str]:
+    """Extra environment for the module's daphne (see `web_server`); override it, module-scoped, in a test module."""
+    return {}
 
-    Function-scoped on purpose: Playwright's sync API marks an event loop as running in this thread while it
-    is started, which Django's ORM refuses outside DJANGO_ALLOW_ASYNC_UNSAFE; stopping it after each test
-    keeps the rest of the suite unaffected.
+
+@pytest.fixture(scope="module")
+def _module_daphne(request, django_db_setup, web_server_env):
+    """One daphne per test module: starting one takes seconds on a loaded machine, a test module needs only one.
+
+    The process keeps no state between tests that matters: the database is flushed and Redis emptied per test,
+    and its in-process route and response caches are switched off so nothing from the last test is served.
+    """
+    if not settings.IS_POSTGRES:
+        pytest.skip("the browser tests need PostgreSQL (DATABASE_URL)")
+    env = {"LLM_ROUTE_CACHE_SECONDS": "0", "LLM_CACHE_MEMORY_ENTRIES": "0", **web_server_env}
+    failures_before = request.session.testsfailed
+    server_log = ARTIFACTS / (re.sub(r"[^\w.-]+", "_", request.node.name) + ".daphne.log")
+    with run_daphne(env, log_to=server_log) as base_url:
+        yield base_url
+    if request.session.testsfailed == failures_before:
+        server_log.unlink(missing_ok=True)  # kept only next to a failed test's screenshot
+
+
+@pytest.fixture
+def web_server(_module_daphne, transactional_db) -> str:
+    """The base URL of a live daphne (the test upstream and the test database behind it) for a browser test."""
+    return _module_daphne
+
+
+@contextmanager
+def run_daphne(extra_env: dict[str, str], log_to: Path | None = None) -> Iterator[str]:
+    """Serves aiwriter.asgi with daphne on a free loopback port against the test database; yields the base URL.
+
+    With `log_to`, the server's output is kept there (for a failed test's artifacts).
+    """
+    from tests.fixtures_chat import _database_url, _wait_until_healthy
+
+    # Bind here and hand the listening socket to daphne (--fd): no race for the port.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": _database_url(),
+           "REDIS_URL": settings.REDIS_URL, "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX, "DEBUG": "0",
+           **extra_env}
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # the server runs as in production
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), "aiwriter.asgi:application"],
+        cwd=str(settings.BASE_DIR), env=env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT,
+    )
+    sock.close()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(base_url, process, log)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        if log_to is not None:
+            log.seek(0)
+            log_to.parent.mkdir(exist_ok=True)
+            log_to.write_bytes(log.read())
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def _chromium():
+    """Debian's chromium, launched once per test module (each test gets a fresh context: no shared cookies).
+
+    Module-scoped, not session-scoped: Playwright's sync API marks an event loop as running in this thread
+    while it is started, which Django's ORM refuses outside DJANGO_ALLOW_ASYNC_UNSAFE; so that variable is
+    set only while a browser test module runs, and the rest of the suite is unaffected.
     """
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)")
@@ -56,20 +137,45 @@ def browser_page(request, monkeypatch):
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("browser tests need the playwright package (pip install -r requirements.txt)")
-    # The test's own ORM calls stay synchronous while Playwright's loop is marked running.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    manager = sync_playwright().start()
-    try:
-        browser = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
-    except Exception as exc:  # noqa: BLE001 - a browser that can't start is an environment problem: skip
-        manager.stop()
-        pytest.skip(f"chromium did not start: {exc}")
-    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    with pytest.MonkeyPatch.context() as patch:
+        # The tests' own ORM calls stay synchronous while Playwright's loop is marked running.
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        manager = sync_playwright().start()
+        try:
+            try:
+                browser = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+            except Exception as exc:  # noqa: BLE001 - a browser that can't start is an environment problem: skip
+                pytest.skip(f"chromium did not start: {exc}")
+            try:
+                yield browser
+            finally:
+                browser.close()
+        finally:
+            manager.stop()
+
+
+@pytest.fixture
+def browser_page(request, _chromium, transactional_db):
+    """A Playwright page in a fresh browser context; on failure a full-page screenshot goes to test-artifacts/.
+
+    It asks for `transactional_db` so the page is closed (its sockets too) before the database is flushed.
+    Requests to anywhere but the loopback server are refused and listed in `page.external_requests`:
+    the pages must work with no internet (no CDN).
+    """
+    context = _chromium.new_context(viewport={"width": 1280, "height": 860})
     context.set_default_timeout(BROWSER_TIMEOUT_MS)
+    context.set_default_navigation_timeout(BROWSER_TIMEOUT_MS)
     page = context.new_page()
     page.console_messages = []
+    page.external_requests = []
     page.on("console", lambda msg: page.console_messages.append(f"{msg.type}: {msg.text}"))
     page.on("pageerror", lambda exc: page.console_messages.append(f"pageerror: {exc}"))
+
+    def offline(route):
+        page.external_requests.append(route.request.url)
+        route.abort()
+
+    context.route(re.compile(r"^(?!(https?|wss?)://(127\.0\.0\.1|localhost)[:/])(?!data:|blob:|about:)"), offline)
     try:
         yield page
     finally:
@@ -77,8 +183,6 @@ def browser_page(request, monkeypatch):
         if report is not None and report.failed:
             save_screenshot(page, request.node.nodeid)
         context.close()
-        browser.close()
-        manager.stop()
 
 
 def save_screenshot(page, name: str) -> Path | None:

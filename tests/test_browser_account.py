@@ -24,12 +24,12 @@ def alice(db):
 
 
 @pytest.fixture
-def account_page(browser_page, live_server_daphne, alice):
-    browser_login(browser_page, live_server_daphne, "alice", next_path="/account/")
+def account_page(browser_page, web_server, alice):
+    browser_login(browser_page, web_server, "alice", next_path="/account/")
     return browser_page
 
 
-def test_balance_quota_and_spend_chart(browser_page, live_server_daphne, alice):
+def test_balance_quota_and_spend_chart(browser_page, web_server, alice):
     today = periods.local_day()
     DailyRollup.objects.create(user=alice, day=today, model="m", provider="p", calls=3, total_tokens=300,
                                cost=Decimal("1.25"))
@@ -38,7 +38,7 @@ def test_balance_quota_and_spend_chart(browser_page, live_server_daphne, alice):
 
     UsageCounter.objects.create(user=alice, period=periods.month_start(), tokens=250, cost=Decimal("1.25"))
     page = browser_page
-    browser_login(page, live_server_daphne, "alice", next_path="/account/")
+    browser_login(page, web_server, "alice", next_path="/account/")
     page.wait_for_function("document.getElementById('balance').textContent.includes('42.50')")
     page.wait_for_selector("#quota-bars .quota")
     assert "250 of 1,000 (25%)" in page.inner_text("#quota-bars")
@@ -50,6 +50,7 @@ def test_balance_quota_and_spend_chart(browser_page, live_server_daphne, alice):
                                         "rs => rs.map(r => Number(r.getAttribute('height')))")
     assert sum(1 for h in heights if h > 0) == 1 and len(heights) >= 28
     assert "3 calls" in page.inner_text("#spend-chart")
+    assert page.external_requests == [], "the page works with no internet"
 
 
 def test_create_a_key_shown_once_then_revoke_it(account_page, alice):

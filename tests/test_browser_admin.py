@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from tests.factories import make_agent, make_fake_model
@@ -22,12 +23,12 @@ def agent(fake_upstream):
 
 
 @pytest.fixture
-def admin_page(browser_page, live_server_daphne, operator, agent):
-    admin_login(browser_page, live_server_daphne, "operator")
+def admin_page(browser_page, web_server, operator, agent):
+    admin_login(browser_page, web_server, "operator")
     return browser_page
 
 
-def test_operator_changes_a_model_price(admin_page, live_server_daphne, agent):
+def test_operator_changes_a_model_price(admin_page, web_server, agent):
     page = admin_page
     page.click("#content-main a[href='/admin/agents/llmmodel/']:text-is('Models')")
     page.click("#result_list a:text-is('admin-model')")
@@ -47,9 +48,9 @@ def test_operator_changes_a_model_price(admin_page, live_server_daphne, agent):
     assert page.locator("input[name='prices-2-input_per_million']").count() == 1
 
 
-def test_operator_runs_an_execution_test_and_finds_it_in_debug_logs(admin_page, live_server_daphne, agent):
+def test_operator_runs_an_execution_test_and_finds_it_in_debug_logs(admin_page, web_server, agent):
     page = admin_page
-    page.goto(f"{live_server_daphne}/admin/agents/agent/")
+    page.goto(f"{web_server}/admin/agents/agent/")
     page.click("td.field-debug_link a")
     page.check("input[name=action][value=run]")
     page.fill("textarea[name=message]", "Say hello to the operator")
@@ -63,12 +64,12 @@ def test_operator_runs_an_execution_test_and_finds_it_in_debug_logs(admin_page, 
 
     page.click("text=Open this entry in the debug log")
     page.wait_for_url(f"**/admin/usage/admindebuglog/{log.pk}/change/")
-    page.goto(f"{live_server_daphne}/admin/usage/admindebuglog/")
+    page.goto(f"{web_server}/admin/usage/admindebuglog/")
     row = page.locator("#result_list tbody tr").first
     assert "Execution test" in row.inner_text() and "admin-model" in row.inner_text()
 
 
-def test_dashboard_renders_its_charts(admin_page, live_server_daphne, operator, agent):
+def test_dashboard_renders_its_charts(admin_page, web_server, operator, agent):
     UsageRecord.objects.create(user=operator, provider="p", model="admin-model", total_tokens=120,
                                cost=Decimal("0.3"), entry_point="chat")
     page = admin_page
@@ -80,6 +81,18 @@ def test_dashboard_renders_its_charts(admin_page, live_server_daphne, operator, 
         assert box and box["width"] >= 500 and box["height"] >= 100, "each chart is drawn at a readable size"
     assert page.locator("svg.line-chart polyline.series").count() >= 5
     assert page.locator("svg.bar-chart rect.bar").count() >= 2
+    # Readable: each line chart has its two axes, tick labels, x labels, a y-axis label and a legend.
+    for svg in page.locator("svg.line-chart").all():
+        assert svg.locator("g.axis line").count() == 2
+        assert svg.locator("text").count() >= 6
+    titles = page.eval_on_selector_all("svg.chart > title", "ts => ts.map(t => t.textContent)")
+    assert titles[:4] == ["Requests", "Tokens", f"Cost ({settings.CURRENCY})", "Error rate and cache hit rate"]
+    requests_chart = page.locator("svg.line-chart").first
+    assert {"calls", "requests", "errors"} <= set(requests_chart.locator("text").all_text_contents())
+    top_models = page.locator("svg.bar-chart").last
+    bar_texts = top_models.locator("text").all_text_contents()  # a bar's label, its value written at its end
+    assert any(t.startswith("admin-model") for t in bar_texts) and "0.3" in bar_texts
+    assert page.external_requests == []
     assert page.inner_text("#total-requests") == "1"
     assert "admin-model" in page.inner_text("#deployment-health")
     page.click("text=Last 24 hours")

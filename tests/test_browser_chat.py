@@ -35,8 +35,8 @@ new MutationObserver(() => {
 """
 
 
-@pytest.fixture
-def live_server_daphne_env() -> dict[str, str]:
+@pytest.fixture(scope="module")
+def web_server_env() -> dict[str, str]:
     return {"MODERATION_BLOCKLIST": "forbiddenword"}
 
 
@@ -65,9 +65,9 @@ def alice(db):
 
 
 @pytest.fixture
-def chat_page(browser_page, live_server_daphne, agent, alice):
+def chat_page(browser_page, web_server, agent, alice):
     browser_page.add_init_script(RECORDER)
-    browser_login(browser_page, live_server_daphne, "alice")
+    browser_login(browser_page, web_server, "alice")
     browser_page.wait_for_selector("#connection[data-state=open]")
     return browser_page
 
@@ -103,6 +103,7 @@ def test_reply_streams_in_pieces_with_status_and_cost(chat_page):
     assert message.status == "success" and message.cost > 0
     # The sidebar now lists the conversation (it has a successful reply).
     page.wait_for_selector("#conversation-list button.conversation")
+    assert page.external_requests == [], "the page works with no internet: nothing is fetched from elsewhere"
 
 
 def test_html_in_a_reply_shows_as_text(chat_page):
@@ -145,7 +146,19 @@ def test_failed_reply_shows_its_status_and_retry_works(chat_page, fake_upstream)
     failed.locator(".failure").wait_for(state="visible")
     assert "model error" in failed.locator(".failure-text").inner_text()
     failed_id = int(failed.get_attribute("data-message-id"))
-    assert Message.objects.get(pk=failed_id).status == Message.Status.LLM_ERROR
+    reply = Message.objects.get(pk=failed_id)
+    assert reply.status == Message.Status.LLM_ERROR
+    assert reply.conversation.has_success is False
+
+    # Reloaded, the page reopens the conversation (its id is in the URL) with the failure and its retry button,
+    # and the sidebar leaves it out: it has no successful reply yet.
+    with page.expect_response(lambda r: "/api/conversations/?" in r.url):
+        page.reload()
+    failed = _last_assistant(page)
+    failed.locator(".failure").wait_for(state="visible")
+    assert "model error" in failed.locator(".failure-text").inner_text()
+    assert failed.get_attribute("data-message-id") == str(failed_id)
+    assert page.locator("#conversation-list button.conversation").count() == 0
 
     fake_upstream.configure("web-model", status=200, reply="Second time lucky.")
     failed.locator(".retry").click()
@@ -154,12 +167,14 @@ def test_failed_reply_shows_its_status_and_retry_works(chat_page, fake_upstream)
     assert "Second time lucky." in fresh.locator(".content").inner_text()
     assert "cost" in fresh.locator(".meta").inner_text()
     assert Message.objects.get(pk=int(fresh.get_attribute("data-message-id"))).status == Message.Status.SUCCESS
+    # Now it has a successful reply, the sidebar lists it.
+    page.wait_for_selector(f"#conversation-list button.conversation[data-conversation-id='{reply.conversation_id}']")
 
 
-def test_low_balance_is_told_in_plain_words(browser_page, live_server_daphne, agent):
+def test_low_balance_is_told_in_plain_words(browser_page, web_server, agent):
     make_user("poor")  # no credit at all
     page = browser_page
-    browser_login(page, live_server_daphne, "poor")
+    browser_login(page, web_server, "poor")
     page.wait_for_selector("#connection[data-state=open]")
     _send(page, "Hello")
     bubble = _last_assistant(page)
@@ -191,7 +206,43 @@ def test_reconnects_after_a_dropped_socket_and_keeps_the_screen(chat_page):
     assert page.locator("article.message").count() == before + 2
 
 
-def test_an_old_conversation_opens_from_the_sidebar(chat_page, live_server_daphne):
+def test_a_socket_dropped_midway_keeps_the_text_and_says_what_happened(chat_page, fake_upstream):
+    long_reply = " ".join(f"w{i}" for i in range(300))
+    fake_upstream.configure("web-model", reply=long_reply, chunk_delay=0.05)
+    page = chat_page
+    _send(page, "A long one please")
+    page.wait_for_function("window.__frames.filter(f => f.type === 'delta').length >= 3")
+    bubble = _last_assistant(page)
+    # Drop the socket as a network failure would, noting what the user saw at that moment.
+    shown = page.evaluate("""() => {
+      const bubbles = document.querySelectorAll("article.message.assistant");
+      const text = bubbles[bubbles.length - 1].querySelector(".content").textContent;
+      window.aiwChat.socket.drop();
+      return text;
+    }""")
+    # The server stops a reply whose socket is gone; the page reconnects by itself, reads the stored reply
+    # and says in plain words what happened, keeping the text (never less than was on screen).
+    bubble.locator(".failure").wait_for(state="visible")
+    page.wait_for_selector("#connection[data-state=open]")
+    assert "connection dropped" in bubble.locator(".failure-text").inner_text()
+    assert "Connection lost, reconnecting…" in page.evaluate("window.__statuses")
+    final = bubble.locator(".content").inner_text().strip()
+    assert final.startswith(shown.strip()) and 0 < len(final) < len(long_reply)
+    assert page.locator("article.message").count() == 2
+    assert "A long one please" in page.locator("article.message.user").inner_text()
+    assert page.locator("#stop").is_hidden()
+    reply = Message.objects.get(pk=int(bubble.get_attribute("data-message-id")))
+    assert reply.status == Message.Status.ERROR and reply.error_code == "cancelled"
+    assert reply.content.strip() == final
+
+    fake_upstream.configure("web-model", reply="All of it this time.", chunk_delay=0)
+    bubble.locator(".retry").click()
+    fresh = _last_assistant(page)
+    fresh.locator(".meta").wait_for(state="visible")
+    assert "All of it this time." in fresh.locator(".content").inner_text()
+
+
+def test_an_old_conversation_opens_from_the_sidebar(chat_page, web_server):
     page = chat_page
     _send(page, "Remember me")
     _last_assistant(page).locator(".meta").wait_for(state="visible")
@@ -220,9 +271,9 @@ XSS_INPUTS = [
 ]
 
 
-def test_markdown_renders_only_its_own_safe_tags(browser_page, live_server_daphne):
+def test_markdown_renders_only_its_own_safe_tags(browser_page, web_server):
     page = browser_page
-    page.goto(f"{live_server_daphne}/accounts/login/")
+    page.goto(f"{web_server}/accounts/login/")
     found = page.evaluate("""async (inputs) => {
       const { renderMarkdown } = await import("/static/js/markdown.js");
       const allowed = new Set(["P", "BR", "STRONG", "EM", "DEL", "CODE", "PRE", "A", "UL", "OL", "LI", "BLOCKQUOTE",

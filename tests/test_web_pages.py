@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from django.urls import reverse
@@ -142,3 +143,17 @@ def test_static_files_are_served(client, path):
     assert response.status_code == 200
     body = b"".join(response.streaming_content) if response.streaming else response.content
     assert b"cdn" not in body.lower() and b"https://" not in body  # works with no internet
+
+
+def test_no_page_loads_anything_from_elsewhere():
+    """No CDN, no build step: templates and static files only reference our own paths."""
+    root = Path(__file__).resolve().parent.parent
+    external = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|@import\s+(?:url\()?["']?(?:https?:)?//"""
+                          r"""|url\(\s*["']?(?:https?:)?//|\bimport\b[^;\n]*?from\s*["'](?:https?:)?//""", re.I)
+    files = [*root.glob("templates/**/*.html"), *root.glob("static/**/*.js"), *root.glob("static/**/*.css")]
+    assert len(files) > 10
+    offenders = [f"{f.relative_to(root)}: {m.group(0)}" for f in files for m in external.finditer(f.read_text())]
+    assert offenders == []
+    for f in root.glob("static/js/*.js"):  # plain modules the browser loads as they are: no bundler syntax
+        text = f.read_text()
+        assert "require(" not in text and not re.search(r"""\bfrom\s+["'](?![./])""", text), f.name

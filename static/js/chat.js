@@ -36,9 +36,15 @@ const FAILURE_WORDS = {
   no_healthy_deployment: "No model is available right now (model error).",
   llm_error: "The model failed to answer (model error).",
   error: "Something went wrong with this reply.",
+  interrupted: "The reply was interrupted. Retry to get a full reply.",
   cancelled: "Stopped.",
+  connection_lost: "The connection dropped before the reply was complete. Retry to get a full reply.",
 };
-const STATUS_WORDS = { thinking: "Thinking…", generating: "Generating…", pending: "Waiting…", processing: "Thinking…" };
+const STATUS_WORDS = { thinking: "Thinking…", generating: "Generating…", pending: "Waiting…", processing: "Thinking…",
+                       reconnecting: "Connection lost, reconnecting…" };
+// After a reconnect, a reply the server still shows as in progress is re-read this often until it is final.
+const RECONCILE_POLL_MS = 1000;
+const RECONCILE_POLL_TRIES = 120;
 const FINAL_FAILURES = new Set(["error", "insufficient_balance", "content_violation", "llm_error"]);
 
 const state = {
@@ -213,7 +219,8 @@ function onError(frame) {
     return;
   }
   // A failed reply with a code we don't name came from the model layer (upstream_error, bad_request, ...).
-  const code = FAILURE_WORDS[frame.code] ? frame.code : "llm_error";
+  let code = FAILURE_WORDS[frame.code] ? frame.code : "llm_error";
+  if (bubble.interrupted && code === "cancelled") code = "connection_lost";
   bubble.final = true;
   if (bubble.id !== null) state.streaming.delete(String(bubble.id));
   updateStopButton();
@@ -238,6 +245,14 @@ const socket = new ChatSocket({
   onState: (status) => {
     el.connection.dataset.state = status;
     el.connection.textContent = { open: "connected", connecting: "connecting…", closed: "reconnecting…" }[status];
+    if (status === "closed") {
+      // Replies streaming on the lost socket are stopped by the server; say so, keep their text.
+      for (const bubble of [...state.pending, ...[...state.streaming].map((id) => state.bubbles.get(id))]) {
+        if (!bubble || bubble.final) continue;
+        bubble.interrupted = true;
+        setStatus(bubble, "reconnecting");
+      }
+    }
   },
   onReopen: () => {
     // After a dropped socket: follow the open conversation again and fill in whatever was missed.
@@ -310,7 +325,9 @@ function messageTokens(m) {
 }
 
 function applyMessage(bubble, m) {
-  if (m.content !== undefined && (bubble.final || bubble.text === "" || m.status !== "processing")) {
+  // While a reply is in progress, the text on screen (fed by deltas) may be ahead of the stored one: keep it.
+  const inProgress = m.status === "processing" || m.status === "pending";
+  if (m.content !== undefined && (!inProgress || bubble.text === "" || (m.content || "").length > bubble.text.length)) {
     setText(bubble, m.content || "");
   }
   if (m.role === "assistant") {
@@ -324,8 +341,10 @@ function applyMessage(bubble, m) {
     } else if (FINAL_FAILURES.has(m.status)) {
       bubble.final = true;
       state.streaming.delete(String(bubble.id));
-      setStatus(bubble, m.status);
-      showFailure(bubble, m.status, m.error_display || m.error_message || "");
+      let code = FAILURE_WORDS[m.error_code] ? m.error_code : m.status;
+      if (bubble.interrupted && code === "cancelled") code = "connection_lost";
+      setStatus(bubble, code);
+      showFailure(bubble, code, m.error_display || m.error_message || "");
     } else {
       setStatus(bubble, m.status === "pending" ? "pending" : "thinking");
     }
@@ -359,11 +378,16 @@ async function openConversation(id) {
   updateStopButton();
 }
 
-// Merge the server's view into the screen without clearing it (after a reconnect).
-async function reconcile(id) {
+// Merge the server's view into the screen without clearing it (after a reconnect). A reply the server still
+// shows in progress is read again until it is final: its last frames may have gone to the lost socket.
+async function reconcile(id, tries = RECONCILE_POLL_TRIES) {
   let messages;
-  try { messages = await fetchMessages(id); } catch { return; }
+  try { messages = await fetchMessages(id); } catch { messages = null; }
   if (String(id) !== String(state.conversation)) return;
+  if (messages === null) {
+    if (tries > 0) setTimeout(() => reconcile(id, tries - 1), RECONCILE_POLL_MS);
+    return;
+  }
   for (const m of messages) {
     if (m.role === "system") continue;
     let bubble = state.bubbles.get(String(m.id));
@@ -381,6 +405,9 @@ async function reconcile(id) {
     if (!bubble) bubble = createBubble(m.role, { id: m.id, text: m.content || "" });
     applyMessage(bubble, m);
   }
+  const unfinished = messages.some((m) => m.role === "assistant" && (m.status === "processing" || m.status === "pending")
+    && !(state.bubbles.get(String(m.id)) || {}).final);
+  if (unfinished && tries > 0) setTimeout(() => reconcile(id, tries - 1), RECONCILE_POLL_MS);
 }
 
 async function loadConversations() {
