@@ -132,3 +132,21 @@ def test_a_cost_above_the_free_balance_takes_the_general_path():
     assert record.charged and Decimal(record.metadata["uncharged"]) == Decimal("0.955")
     assert LedgerEntry.objects.filter(kind=LedgerEntry.Kind.CHARGE).get().amount == Decimal("-0.05")
     assert record.__class__.objects.count() == 1 and Reservation.objects.get().usage_record_id == record.pk
+
+
+@pytest.mark.pg
+def test_the_one_statement_is_parsed_once_by_psycopg():
+    """psycopg caches a statement's parsing only up to 4 kB and 50 parameters: the record's statement (its
+    largest form: hold, charge, project, key) stays within both, so later calls reuse the parsing."""
+    from psycopg import _queries
+
+    user = make_user()
+    grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    model = make_model(input_price="1", output_price="1")
+    key, _ = make_api_key(user)
+    ctx = CallContext(user=user, entry_point="openai", api_key=key, project="blog")
+    _call(ctx, model)
+    before = _queries._query2pg_client.cache_info()
+    _call(ctx, model)
+    after = _queries._query2pg_client.cache_info()
+    assert after.misses == before.misses and after.hits > before.hits

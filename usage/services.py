@@ -437,11 +437,14 @@ def _record_call_pg(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcom
         workflow_type=meta.get("workflow_type", ""), metadata=outcome.metadata,
         idempotency_key=meta.get("idempotency_key"), created_at=plan.started_at,
     )
+    # The record's values travel as one JSON parameter: psycopg caches the parsing of a statement only up to 4 kB
+    # and 50 parameters, and a literal per column would take this one past both.
     fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
     columns = ", ".join(_q(f.column) for f in fields)
-    params: list[Any] = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in fields]
-    ctes = [f"rec AS (INSERT INTO {_q(UsageRecord._meta.db_table)} ({columns}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id)"]
+    table = _q(UsageRecord._meta.db_table)
+    params: list[Any] = [json.dumps({f.column: f.pre_save(record, True) for f in fields}, default=str)]
+    ctes = [f"rec AS (INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{table}, "
+            f"%s::jsonb) RETURNING id)"]
     settles = bool(plan.reservation_id) or to_charge > 0
     if plan.reservation_id:
         ctes.append(f"res AS (UPDATE {_q(Reservation._meta.db_table)} SET status = %s, settled_at = %s, "
