@@ -71,6 +71,8 @@ async def test_streams_thinking_generating_deltas_done_with_real_usage(alice_key
     assert frames[1]["type"] == "status" and frames[1]["status"] == "generating"
     deltas = [f for f in frames if f["type"] == "delta"]
     assert len(deltas) >= 2 and all(f["message"] == reply.pk for f in deltas)
+    assert all(set(f) == {"type", "message", "content"} for f in deltas)
+    assert [f["type"] for f in frames] == ["status", "status"] + ["delta"] * len(deltas) + ["done"]
     assert "".join(f["content"] for f in deltas) == reply.content == "Echo. System: You help alice. | User: Hello there"
     done = frames[-1]
     assert set(done) == {"type", "message", "status", "usage", "cost", "model", "fallback"}  # the public shape

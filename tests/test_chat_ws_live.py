@@ -56,6 +56,15 @@ def test_websocket_chat_against_daphne(live_server_daphne, alice, chat_agent, fa
     assert reply.content == text and reply.completion_tokens == done["usage"]["completion_tokens"]
     assert asyncio.run(_closed_code(ws_url, origin)) == 4401
 
+    async def refused(headers: dict) -> int:
+        with pytest.raises(websockets.InvalidStatus) as refusal:
+            async with websockets.connect(ws_url, additional_headers=headers, open_timeout=5):
+                pass
+        return refusal.value.response.status_code
+
+    # A foreign Origin (cross-site websocket hijacking) is refused at the handshake, even with a valid key.
+    assert asyncio.run(refused({"Origin": "http://evil.example", "Authorization": f"Bearer {raw_key}"})) == 403
+
 
 def test_rest_reply_over_daphne(live_server_daphne, alice, chat_agent, fake_upstream):
     _, raw_key = make_api_key(alice)
