@@ -81,10 +81,13 @@ def test_a_repeated_client_id_of_a_failed_reply_replays_the_same_error(alice_cli
 def test_history_has_system_prompt_and_earlier_success_messages(alice_client, chat_agent, fake_upstream):
     cid = _conversation(alice_client, chat_agent)
     _send(alice_client, cid, "first question")
+    fake_upstream.configure("chat-model", status=500)
+    assert _send(alice_client, cid, "failed question").status_code == 502
+    fake_upstream.reset()
     _send(alice_client, cid, "second question")
     messages = fake_upstream.requests[-1]["body"]["messages"]
     assert messages[0] == {"role": "system", "content": "You help alice."}
-    assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user"]
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user"]  # the failed exchange is left out
     assert messages[1]["content"] == "first question" and messages[-1]["content"] == "second question"
 
 
