@@ -129,7 +129,7 @@ class DaphneProcess:
         return self.log.read().decode(errors="replace")
 
 
-def start_daphne(**env: str) -> DaphneProcess:
+def start_daphne(daphne_args: tuple[str, ...] = (), **env: str) -> DaphneProcess:
     """One daphne process on a free loopback port, against the test database and (unless overridden) Redis."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -143,7 +143,7 @@ def start_daphne(**env: str) -> DaphneProcess:
     }
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), "aiwriter.asgi:application"],
+        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), *daphne_args, "aiwriter.asgi:application"],
         cwd=str(settings.BASE_DIR), env=full_env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT)
     sock.close()
     base_url = f"http://127.0.0.1:{port}"
@@ -158,13 +158,13 @@ def start_daphne(**env: str) -> DaphneProcess:
 
 @pytest.fixture
 def daphne_processes(transactional_db):
-    """`start(**env)` → a running DaphneProcess; all are stopped when the test ends."""
+    """`start(daphne_args=(), **env)` → a running DaphneProcess; all are stopped when the test ends."""
     if not settings.IS_POSTGRES:
         pytest.skip("daphne processes need PostgreSQL (DATABASE_URL)")
     started: list[DaphneProcess] = []
 
-    def start(**env: str) -> DaphneProcess:
-        started.append(start_daphne(**env))
+    def start(daphne_args: tuple[str, ...] = (), **env: str) -> DaphneProcess:
+        started.append(start_daphne(daphne_args, **env))
         return started[-1]
 
     yield start
