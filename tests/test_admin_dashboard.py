@@ -73,3 +73,21 @@ def test_nice_ticks_are_round():
     assert charts.nice_ticks(12) == [0, 5, 10, 15]
     assert charts.nice_ticks(0) == [0.0, 1.0]
     assert charts.nice_ticks(0.003)[-1] >= 0.003
+
+
+def test_each_deployment_shows_its_health_and_breaker_state(operator_client):
+    from agents.llm import breaker
+    from agents.models import Deployment
+
+    make_agent("writer")
+    make_agent("editor")
+    tripped, fine = Deployment.objects.order_by("id")[:2]
+    Deployment.objects.filter(pk=tripped.pk).update(last_error="upstream said 500 <b>")
+    breaker.get(tripped.pk, threshold=1).failure()  # one failure opens it: the router skips it for a while
+    body = operator_client.get(reverse("admin-dashboard")).content.decode()
+    rows = body.split('<tr class="deployment">')[1:]
+    assert len(rows) == 2
+    by_model = {m: next(r for r in rows if f"<td>{m}</td>" in r) for m in (tripped.model.name, fine.model.name)}
+    assert '<span class="state state-open">open</span>' in by_model[tripped.model.name]
+    assert "upstream said 500 &lt;b&gt;" in by_model[tripped.model.name]
+    assert '<span class="state state-closed">closed</span>' in by_model[fine.model.name]

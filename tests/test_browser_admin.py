@@ -94,7 +94,8 @@ def test_dashboard_renders_its_charts(admin_page, web_server, operator, agent):
     assert any(t.startswith("admin-model") for t in bar_texts) and "0.3" in bar_texts
     assert page.external_requests == []
     assert page.inner_text("#total-requests") == "1"
-    assert "admin-model" in page.inner_text("#deployment-health")
+    health = page.locator("#deployment-health tr.deployment").first.inner_text()
+    assert "admin-model" in health and "closed" in health  # the breaker's state, per deployment
     page.click("text=Last 24 hours")
     page.wait_for_url("**/admin/dashboard/?range=1")
     assert page.locator("svg.chart").count() == 6

@@ -171,8 +171,10 @@ def test_failed_reply_shows_its_status_and_retry_works(chat_page, fake_upstream)
     page.wait_for_selector(f"#conversation-list button.conversation[data-conversation-id='{reply.conversation_id}']")
 
 
-def test_low_balance_is_told_in_plain_words(browser_page, web_server, agent):
-    make_user("poor")  # no credit at all
+def test_low_balance_is_told_in_plain_words_and_retry_works_after_a_top_up(browser_page, web_server, agent):
+    from usage.services import grant_credits
+
+    poor = make_user("poor")  # no credit at all
     page = browser_page
     browser_login(page, web_server, "poor")
     page.wait_for_selector("#connection[data-state=open]")
@@ -180,6 +182,15 @@ def test_low_balance_is_told_in_plain_words(browser_page, web_server, agent):
     bubble = _last_assistant(page)
     bubble.locator(".failure").wait_for(state="visible")
     assert "balance is too low" in bubble.locator(".failure-text").inner_text()
+    failed = Message.objects.get(pk=int(bubble.get_attribute("data-message-id")))
+    assert failed.status == Message.Status.INSUFFICIENT_BALANCE
+
+    grant_credits(user=poor, amount=Decimal("10"), reason="test", created_by=None)
+    bubble.locator(".retry").click()
+    fresh = _last_assistant(page)
+    fresh.locator(".meta").wait_for(state="visible")
+    assert "cost" in fresh.locator(".meta").inner_text()
+    assert Message.objects.get(pk=int(fresh.get_attribute("data-message-id"))).status == Message.Status.SUCCESS
 
 
 def test_refused_content_is_told_in_plain_words(chat_page, fake_upstream):
@@ -242,16 +253,37 @@ def test_a_socket_dropped_midway_keeps_the_text_and_says_what_happened(chat_page
     assert "All of it this time." in fresh.locator(".content").inner_text()
 
 
-def test_an_old_conversation_opens_from_the_sidebar(chat_page, web_server):
+def test_pick_an_agent_and_continue_an_old_conversation_from_the_sidebar(chat_page, upstream_model):
+    from conversations.models import Conversation
+
+    make_agent("editor", name="Editor", model=upstream_model)
     page = chat_page
+    page.reload()  # the page lists the agents there are when it loads
+    page.wait_for_selector("#connection[data-state=open]")
+    page.select_option("#agent-select", "writer")
     _send(page, "Remember me")
     _last_assistant(page).locator(".meta").wait_for(state="visible")
+
     page.click("#new-conversation")
     assert page.locator("article.message").count() == 0
-    page.click("#conversation-list button.conversation")
+    page.select_option("#agent-select", "editor")
+    _send(page, "Edit this")
+    _last_assistant(page).locator(".meta").wait_for(state="visible")
+    first, second = Conversation.objects.order_by("id")
+    assert (first.agent.slug, second.agent.slug) == ("writer", "editor")
+
+    page.wait_for_selector(f"#conversation-list button.conversation[data-conversation-id='{second.pk}']")
+    page.click(f"#conversation-list button.conversation[data-conversation-id='{first.pk}']")
     page.wait_for_selector("article.message.assistant .meta:not([hidden])")
     assert "Remember me" in page.locator("article.message.user").first.inner_text()
     assert "cost" in page.locator("article.message.assistant .meta").first.inner_text()
+    assert page.input_value("#agent-select") == "writer", "the conversation's own agent is picked again"
+    assert "active" in page.get_attribute(f"button.conversation[data-conversation-id='{first.pk}']", "class")
+
+    _send(page, "And once more")  # continues the old conversation
+    page.wait_for_function("document.querySelectorAll('article.message.assistant .meta:not([hidden])').length === 2")
+    first.refresh_from_db()
+    assert first.message_count == 4 and Conversation.objects.count() == 2
 
 
 XSS_INPUTS = [
