@@ -57,7 +57,8 @@ def _fast_backoff(settings):
 def setup(fake_upstream, alice):
     primary = make_fake_model(fake_upstream, "flaky", input_price="1", output_price="2")
     backup = make_fake_model(fake_upstream, "backup", input_price="1", output_price="2")
-    Provider.objects.update(max_retries=1, timeout=5)
+    # A provider timeout far above the agent's: only the agent's timeout (and its fallback's) may bound a hang.
+    Provider.objects.update(max_retries=1, timeout=30)
     agent = make_agent("helper", model=primary, fallback_model=backup, timeout_seconds=AGENT_TIMEOUT,
                        system_prompt="Be brief.")
     fund(alice, "10")
