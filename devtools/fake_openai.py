@@ -30,6 +30,7 @@ may also override them with a `"fake": {...}` object in its body (openai SDK: `e
     omit_usage     never report usage (stream or not)
     malformed      stream: send a broken `data:` line after the first chunk
     cached_tokens  report usage.prompt_tokens_details.cached_tokens = N
+    finish_reason  report this finish_reason ("content_filter", …) instead of "stop"/"length"
 Every request is recorded (`.requests`: model, body, stream, authorization, time) and each
 completion served in full is counted (`.served[model]`, `.completions`).
 
@@ -72,6 +73,7 @@ class Knobs:
     omit_usage: bool = False
     malformed: bool = False
     cached_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 _KNOB_NAMES = {f.name for f in fields(Knobs)}
@@ -236,6 +238,7 @@ class FakeOpenAI:
 
         messages = body.get("messages") or []
         ids, finish = reply_tokens(knobs, messages, body.get("max_tokens") or body.get("max_completion_tokens"))
+        finish = knobs.finish_reason or finish
         prompt = prompt_tokens(messages)
         cid = f"chatcmpl-fake{next(_ids)}"
         created = int(time.time())

@@ -123,6 +123,13 @@ def run_daphne(extra_env: dict[str, str], log_to: Path | None = None) -> Iterato
         log.close()
 
 
+def _missing(reason: str) -> None:
+    """Skip on a bare machine; in CI (CI_REQUIRE_SERVICES=1) a missing browser fails instead of passing quietly."""
+    if os.environ.get("CI_REQUIRE_SERVICES") == "1":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def _chromium():
     """Debian's chromium, launched once per test module (each test gets a fresh context: no shared cookies).
@@ -132,11 +139,11 @@ def _chromium():
     set only while a browser test module runs, and the rest of the suite is unaffected.
     """
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+        _missing(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("browser tests need the playwright package (pip install -r requirements.txt)")
+        _missing("browser tests need the playwright package (pip install -r requirements.txt)")
     with pytest.MonkeyPatch.context() as patch:
         # The tests' own ORM calls stay synchronous while Playwright's loop is marked running.
         patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
@@ -145,7 +152,7 @@ def _chromium():
             try:
                 browser = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
             except Exception as exc:  # noqa: BLE001 - a browser that can't start is an environment problem: skip
-                pytest.skip(f"chromium did not start: {exc}")
+                _missing(f"chromium did not start: {exc}")
             try:
                 yield browser
             finally:

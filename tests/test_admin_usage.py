@@ -11,8 +11,11 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from tests.factories import make_api_key, make_user
-from usage.models import ApiKey, UsageRecord
+from agents.llm.types import ChatRequest
+from tests.factories import make_api_key, make_model, make_user
+from usage import periods, services
+from usage.metering import CallContext
+from usage.models import ApiKey, ApiKeyCounter, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -81,20 +84,44 @@ def test_records_cannot_be_deleted_from_the_admin(operator_client, records):
     assert b'value="export_csv"' in response.content
 
 
+def _metered(key, model, *, debug: bool = False, **outcome) -> UsageRecord:
+    """A call recorded as metering records it: hold, record, charge, the key's budget counter."""
+    ctx = CallContext(user=key.user, entry_point="openai", api_key=key, debug=debug)
+    request = ChatRequest(model=model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=1000)
+    plan = services.begin_call(ctx=ctx, request=request)
+    record, _ = services.record_call(meta=services.call_meta(ctx), plan=plan,
+                                     outcome=services.CallOutcome(model=model.name, **outcome))
+    return record
+
+
 def test_api_keys_show_this_months_spend_and_no_hash(operator_client):
     alice = make_user("alice")
+    services.grant_credits(user=alice, amount=Decimal("100"), reason="t", created_by=None)
     key, raw = make_api_key(alice, name="laptop")
-    _record(alice, api_key=key, cost=Decimal("1.5"))
-    _record(alice, api_key=key, cost=Decimal("0.25"))
-    old = _record(alice, api_key=key, cost=Decimal("100"))
-    UsageRecord.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=70))
+    model = make_model("admin-priced", input_price="1000", output_price="1000")  # 0.001 per token
+    _metered(key, model, status="success", prompt_tokens=1000, completion_tokens=750)  # charged 1.75
+    # Neither charged nor counted against the budget, though each record has a cost: a failure before any
+    # text (the upstream reported its prompt) and a staff debug run.
+    _metered(key, model, status="error", prompt_tokens=1000, billable=False, error_code="upstream_error")
+    _metered(key, model, debug=True, status="success", prompt_tokens=500, completion_tokens=500)
+    last_month = periods.month_start(periods.day_start(periods.month_start()) - timedelta(days=1))
+    ApiKeyCounter.objects.create(api_key=key, period=last_month, cost=Decimal("100"))
+    assert sum(r.cost for r in UsageRecord.objects.filter(api_key=key)) == Decimal("3.75")
+    budget_counter = ApiKeyCounter.objects.get(api_key=key, period=periods.month_start())
+    assert budget_counter.cost == Decimal("1.75")
     response = operator_client.get(reverse("admin:usage_apikey_changelist"))
     body = response.content.decode()
-    assert "1.7500 CNY" in body
+    assert "1.7500 CNY" in body  # what the budget counts: not 3.75 (every record) nor 101.75 (last month too)
     assert raw not in body and key.key_hash not in body
     change = operator_client.get(reverse("admin:usage_apikey_change", args=[key.pk])).content.decode()
     assert key.key_hash not in change and raw not in change
     assert "1.7500 CNY" in change
+
+
+def test_a_key_without_calls_this_month_shows_no_spend(operator_client):
+    key, _ = make_api_key(make_user("alice"), name="idle")
+    _record(key.user, api_key=key, cost=Decimal("5"), status="error")  # a record but no charge
+    assert "0.0000 CNY" in operator_client.get(reverse("admin:usage_apikey_changelist")).content.decode()
 
 
 def test_revoke_action(operator_client):

@@ -1,5 +1,6 @@
-"""PostgreSQL connection lost mid-request: the server's backend is terminated (pg_terminate_backend) while
-the reply is being generated. The client gets 503 with `retryable: true`; money is never half-written
+"""PostgreSQL lost mid-request: the server reaches PostgreSQL through a TCP proxy of the test's, which
+drops every connection and refuses new ones while the reply is being generated (a network partition or a
+database restart, as the server sees it). The client gets 503 with `retryable: true`; money is never half-written
 (the usage record and its charge are one transaction: neither exists), the hold is released by
 `reconcile_reservations` and the reply ended by `sweep_stuck_messages`, and the next request works.
 """
@@ -7,11 +8,13 @@ the reply is being generated. The client gets 503 with `retryable: true`; money 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from decimal import Decimal
+from urllib.parse import quote
 
 import pytest
 from django.core.management import call_command
@@ -35,12 +38,69 @@ def _post(url: str, body: dict, raw_key: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def _terminate_server_backends() -> int:
-    """Every other backend on the test database: the daphne process's connections."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        return cursor.fetchone()[0]
+class DatabaseLink:
+    """A TCP proxy to PostgreSQL that can be cut (open connections reset, new ones refused) and restored."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.open += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> int:
+        self.up = False
+        with self.lock:
+            dropped, self.open = self.open, []
+        for sock in dropped:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(dropped) // 2
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def _url_through(link: DatabaseLink) -> str:
+    db = connection.settings_dict
+    return f"postgres://{quote(db['USER'] or '', safe='')}@127.0.0.1:{link.port}/{db['NAME']}"
 
 
 def test_a_lost_database_connection_is_503_retryable_with_no_half_written_charge(daphne_processes, alice,
@@ -50,7 +110,9 @@ def test_a_lost_database_connection_is_503_retryable_with_no_half_written_charge
     fund(alice, "10")
     _, raw_key = make_api_key(alice)
     conversation = Conversation.objects.create(owner=alice, agent=agent)
-    daphne = daphne_processes()
+    db = connection.settings_dict
+    link = DatabaseLink(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
+    daphne = daphne_processes(DATABASE_URL=_url_through(link))
     fake_upstream.configure("db-gpt", latency=1.5)
     url = f"{daphne.base_url}/api/conversations/{conversation.pk}/messages/"
 
@@ -61,8 +123,11 @@ def test_a_lost_database_connection_is_503_retryable_with_no_half_written_charge
     while not fake_upstream.requests:  # the server is waiting for the model, its connection open
         assert time.monotonic() < deadline and request.is_alive(), result
         time.sleep(0.02)
-    assert _terminate_server_backends() >= 1
-    request.join(30)
+    try:
+        assert link.cut() >= 1
+        request.join(30)
+    finally:
+        link.restore()
 
     status, body = result[0]
     assert status == 503, body
@@ -85,3 +150,4 @@ def test_a_lost_database_connection_is_503_retryable_with_no_half_written_charge
     assert UsageRecord.objects.filter(charged=True).count() == 1
     assert CreditAccount.objects.get(user=alice).balance < Decimal("10")
     assert_settled()
+    link.close()

@@ -195,3 +195,4 @@ def test_a_server_keeps_its_guarantees_through_a_redis_outage_and_recovers(own_r
         assert sequences == list(range(1, len(sequences) + 1))  # unique, gap-free
     assert not Message.objects.filter(status=Message.Status.PROCESSING).exists()
     assert GenerationLease.objects.count() == 0
+

@@ -46,6 +46,10 @@ FAULTS = {
     "no_usage": dict(tokens=9, omit_usage=True),
 }
 
+# The code each fault must surface as (REST, websocket and /v1 alike): what a client acts on.
+EXPECTED_CODE = {"500": "upstream_error", "429_retry_after": "rate_limited",
+                 "connection_refused": "upstream_unavailable", "hang": "upstream_timeout"}
+
 
 @pytest.fixture(autouse=True)
 def _fast_backoff(settings):
@@ -165,6 +169,7 @@ def test_every_entry_point_ends_settled_under_an_upstream_fault(fault, setup, al
         assert status in (429, 502, 503, 504), body
         error = body["error"]
         assert error["code"] and error["retryable"] is True and error["message_id"] == _reply(conversation).pk
+        assert error["code"] == EXPECTED_CODE.get(fault, error["code"]), error
     else:
         assert status == 201 and body["status"] == "success"
     _check_chat_reply(_reply(conversation), fault)
@@ -176,6 +181,7 @@ def test_every_entry_point_ends_settled_under_an_upstream_fault(fault, setup, al
     last = frames[-1]
     if failed:
         assert last["type"] == "error" and last["code"] and last["retryable"] is True
+        assert last["code"] == EXPECTED_CODE.get(fault, last["code"]), last
         assert last["message"] == _reply(conversation).pk
     else:
         assert last["type"] == "done" and last["usage"]["estimated"] is True

@@ -162,3 +162,21 @@ def test_slow_deployment_is_degraded_but_still_served(fake_upstream, settings):
     row = _rows()["sl"]
     assert row["status"] == "degraded" and row["error_rate"] == 0 and row["response_time_ms"] >= 100
     assert selectors.service_health()["status"] == "degraded"
+
+
+def test_a_call_that_falls_back_counts_once_in_the_summary(fake_upstream, settings):
+    settings.LLM_RETRY_BASE_DELAY = 0.001
+    make_fake_model(fake_upstream, "prim", upstream_model="p")
+    make_fake_model(fake_upstream, "back", upstream_model="b")
+    fake_upstream.configure("p", status=500)
+    assert _call("prim", fallback_model="back").fallback
+    _call("back")
+    with pytest.raises(LLMError):
+        _call("prim")
+    snap = selectors.service_metrics()
+    models = {m["model"]: m for m in snap["models"]}
+    assert models["prim"]["requests"] == 2 and models["prim"]["errors"] == 2  # per model: the primary failed twice
+    assert models["back"]["successes"] == 2
+    summary = snap["summary"]
+    assert summary["total_requests"] == 3 and summary["successes"] == 2 and summary["errors"] == 1
+    assert summary["error_rate"] == round(1 / 3, 4)

@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient, override_settings
 
 from devtools.fake_openai import prompt_tokens
-from tests.factories import make_agent, make_fake_model, make_provider
+from tests.factories import make_agent, make_fake_model, make_model, make_provider
 from tests.fixtures_openai import make_account
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_thread_connections")]
@@ -382,3 +382,121 @@ async def test_disabled_models_and_agents_are_neither_listed_nor_served(openai_a
     for name in ("off-gpt", "agent:on-off-model", "agent:switched-off"):
         assert (await post(openai_account, {"model": name, "messages": MESSAGES})).status_code == 404, name
     assert fake_upstream.requests == []
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+async def test_unknown_v1_path_is_404_in_openai_shape(openai_account, method):
+    response = await getattr(AsyncClient(), method)("/v1/embeddings", headers={"Authorization": openai_account.auth})
+    assert response.status_code == 404
+    assert response.json() == {"error": {"message": f"Invalid URL ({method.upper()} /v1/embeddings)",
+                                         "type": "invalid_request_error", "code": None, "param": None}}
+
+
+async def test_a_bug_is_500_in_openai_shape(openai_account, fake_gpt, fake_upstream, monkeypatch):
+    from agents.openai_compat import calls
+
+    async def broken(**kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(calls, "prepare_call", broken)  # stands in for any bug below the view
+    response = await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "a bug" not in response.content.decode()
+    assert response["x-should-retry"] == "false"  # the call may have been billed: the SDK must not repeat it
+
+
+async def test_message_over_the_character_limit_is_400_in_openai_shape(openai_account, fake_gpt, fake_upstream):
+    parts = [{"type": "text", "text": "12345"}, {"type": "text", "text": "67890"}]  # joined: 10 characters
+    longer = [*parts, {"type": "text", "text": "!"}]
+    with override_settings(OPENAI_MAX_MESSAGE_CHARS=10):
+        at_limit = await post(openai_account, {"model": "fake-gpt", "messages": [{"role": "user", "content": parts}]})
+        over = await post(openai_account, {"model": "fake-gpt", "stream": True, "messages": [
+            {"role": "user", "content": "short"}, {"role": "user", "content": longer}]})
+    assert at_limit.status_code == 200
+    assert over.status_code == 400
+    assert over.json() == {"error": {"message": "A message may hold at most 10 characters.",
+                                     "type": "invalid_request_error", "code": "string_above_max_length",
+                                     "param": "messages[1].content"}}
+    assert len(fake_upstream.requests) == 1
+
+
+def _served_headers(response) -> tuple[str, str, str]:
+    return response["x-aiwriter-provider"], response["x-aiwriter-fallback"], response["x-aiwriter-cache"]
+
+
+async def test_stream_headers_name_the_provider_fallback_and_cache_hit(openai_account, fake_gpt, fake_upstream):
+    deployment = await fake_gpt.deployments.select_related("provider").afirst()
+    body = {"model": "fake-gpt", "messages": MESSAGES, "temperature": 0, "stream": True}
+    first = await post(openai_account, body)
+    assert first["x-aiwriter-cost"] == "pending"
+    assert _served_headers(first) == (deployment.provider.name, "false", "miss")
+    await read_events(first)
+    again = await post(openai_account, body)  # the same deterministic request: from the response cache
+    assert again["x-aiwriter-cost"] == "pending"
+    assert _served_headers(again) == (deployment.provider.name, "false", "hit")
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in (await read_events(again))[:-1]) == (
+        "Echo. System:  | User: Hello there")
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_stream_headers_say_when_the_fallback_serves_it(openai_account, fake_gpt, fake_upstream):
+    from usage.models import UsageRecord
+
+    broken = await sync_to_async(_fragile_model)(fake_upstream, "down-gpt")
+    fake_upstream.configure("down-gpt", status=500)
+    await sync_to_async(make_agent)("resilient", model=broken, fallback_model=fake_gpt)
+    response = await post(openai_account, {"model": "agent:resilient", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200 and response["x-aiwriter-fallback"] == "true"
+    await read_events(response)
+    record = await UsageRecord.objects.aget(api_key=openai_account.key)
+    assert record.fallback and response["x-aiwriter-provider"] == record.provider
+    assert response["x-aiwriter-cache"] == "miss" and [r["model"] for r in fake_upstream.requests][-1] == "fake-gpt"
+
+
+async def test_empty_stream_still_names_who_served_it(openai_account, fake_gpt, fake_upstream):
+    fake_upstream.configure("fake-gpt", reply="")
+    response = await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES, "stream": True})
+    deployment = await fake_gpt.deployments.select_related("provider").afirst()
+    assert _served_headers(response) == (deployment.provider.name, "false", "miss")
+    assert response["x-aiwriter-cost"] == "pending"
+    events = await read_events(response)
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("reason", ["content_filter", "length"])
+async def test_the_upstreams_finish_reason_is_passed_through(openai_account, fake_gpt, fake_upstream, reason):
+    fake_upstream.configure("fake-gpt", finish_reason=reason)  # without max_tokens we would say "stop"
+    body = (await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES})).json()
+    assert body["choices"][0]["finish_reason"] == reason
+    response = await post(openai_account, {"model": "fake-gpt", "messages": MESSAGES, "stream": True,
+                                           "stream_options": {"include_usage": True}})
+    finish = (await read_events(response))[-3]
+    assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]
+
+
+async def test_finish_reason_is_ours_when_the_upstream_gives_none(openai_account, fake_upstream):
+    await sync_to_async(make_model)("demo-small")  # the demo provider reports no finish_reason
+    capped = await post(openai_account, {"model": "demo-small", "messages": MESSAGES, "max_tokens": 3})
+    assert capped.json()["choices"][0]["finish_reason"] == "length"
+    assert capped.json()["usage"]["completion_tokens"] == 3
+    whole = await post(openai_account, {"model": "demo-small", "messages": MESSAGES, "stream": True})
+    assert (await read_events(whole))[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_an_agents_fallback_outside_the_keys_models_is_not_used(fake_gpt, fake_upstream):
+    from usage.models import UsageRecord
+
+    broken = await sync_to_async(_fragile_model)(fake_upstream, "down-gpt")
+    fake_upstream.configure("down-gpt", status=500)
+    await sync_to_async(make_agent)("resilient", model=broken, fallback_model=fake_gpt)
+    narrow = await sync_to_async(make_account)(allowed_models=[broken])
+    wide = await sync_to_async(make_account)(allowed_models=[broken, fake_gpt])
+    for stream in (False, True):
+        refused = await post(narrow, {"model": "agent:resilient", "messages": MESSAGES, "stream": stream})
+        assert refused.status_code == 502 and refused.json()["error"]["type"] == "upstream_error"
+    assert {r["model"] for r in fake_upstream.requests} == {"down-gpt"}
+    served = await post(wide, {"model": "agent:resilient", "messages": MESSAGES})
+    assert served.status_code == 200 and served["x-aiwriter-fallback"] == "true"
+    assert fake_upstream.requests[-1]["model"] == "fake-gpt"
+    records = [r async for r in UsageRecord.objects.filter(api_key=narrow.key)]
+    assert [(r.status, r.fallback, r.charged) for r in records] == [("error", False, False)] * 2

@@ -161,6 +161,7 @@ def test_stream_deltas_join_to_the_upstream_text_and_end_with_usage(live_server_
         chunks, headers = sdk.stream(model="fake-gpt", messages=MESSAGES, stream_options={"include_usage": True})
         assert headers["content-type"].startswith("text/event-stream"), sdk.kind
         assert headers["x-aiwriter-cost"] == "pending"
+        assert (headers["x-aiwriter-fallback"], headers["x-aiwriter-cache"]) == ("false", "miss")
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-2].choices[0].finish_reason == "stop"
@@ -171,6 +172,7 @@ def test_stream_deltas_join_to_the_upstream_text_and_end_with_usage(live_server_
         assert fake_upstream.requests[-1]["body"]["stream"] is True
         record = UsageRecord.objects.get(api_key=account.key)
         assert_charged_exactly(account, record, prompt=usage.prompt_tokens, completion=40)
+        assert headers["x-aiwriter-provider"] == record.provider != ""  # known when the headers left
 
 
 def test_stream_without_include_usage_ends_without_a_usage_chunk(live_server_daphne, fake_gpt, fake_upstream):

@@ -63,6 +63,11 @@ async def test_headers_and_first_text_leave_while_the_upstream_still_streams(ope
     assert headers["content-type"] == "text/event-stream"
     assert "content-encoding" not in headers and "content-length" not in headers  # not gzipped, not collected
     assert start["upstream_done"] == 0
+    # Who serves the stream is settled with its first text, so it goes out with these early headers.
+    deployment = await fake_gpt.deployments.select_related("provider").afirst()
+    assert (headers["x-aiwriter-provider"], headers["x-aiwriter-fallback"], headers["x-aiwriter-cache"]) == (
+        deployment.provider.name, "false", "miss")
+    assert headers["x-aiwriter-cost"] == "pending"
 
     bodies = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
     with_text = [m for m in bodies if b'"content":"' in m["body"] and b'"content":""' not in m["body"]]

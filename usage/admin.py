@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -15,7 +14,7 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.core.management import call_command, get_commands
-from django.db.models import DecimalField, OuterRef, QuerySet, Subquery, Sum, Value
+from django.db.models import DecimalField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.template.response import TemplateResponse
@@ -28,6 +27,7 @@ from usage import periods
 from usage.models import (
     AdminDebugLog,
     ApiKey,
+    ApiKeyCounter,
     BillingSyncState,
     CreditAccount,
     LedgerEntry,
@@ -40,11 +40,6 @@ from usage.models import (
 MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)
 # Management commands that push usage to the billing system, in the order we look for them.
 BILLING_SYNC_COMMANDS = ("sync_usage", "sync_billing")
-
-
-def month_start() -> datetime:
-    """Start of the current quota month (calendar months in QUOTA_TIME_ZONE)."""
-    return periods.month_bounds(periods.month_start())[0]
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -81,8 +76,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        spend = (UsageRecord.objects.filter(api_key=OuterRef("pk"), created_at__gte=month_start())
-                 .values("api_key").annotate(total=Sum("cost")).values("total"))
+        # The counter the key's monthly budget is checked against (usage.services._check_limits): what was charged
+        # this quota month. Uncharged calls (failures before any text, debug runs) add nothing, as for the budget.
+        spend = ApiKeyCounter.objects.filter(api_key=OuterRef("pk"), period=periods.month_start()).values("cost")[:1]
         return super().get_queryset(request).annotate(
             _month_spend=Coalesce(Subquery(spend, output_field=MONEY_FIELD), Value(Decimal("0")),
                                   output_field=MONEY_FIELD))

@@ -57,6 +57,9 @@ class CallContext:
     debug: bool = False  # staff debug run: logged with its cost, never charged
     workflow_type: str = ""
     now: datetime | None = None  # the call's start time (tests pass it to pin the quota month and the price)
+    # Set by metering once the call is recorded: how a caller whose stream was cut off (cancel, aclose) learns
+    # what it was charged, since it gets no MeteredResult.
+    usage_record: UsageRecord | None = None
 
 
 @dataclass
@@ -143,7 +146,9 @@ async def _drain(inner: AsyncIterator, delivered: list[str]) -> ChatResult | Non
 
 async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
     # Shielded: a second cancellation of the caller must not lose the record of a call the upstream served.
-    return await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
+    record, pending = await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
+    ctx.usage_record = record
+    return record, pending
 
 
 async def metered_stream(ctx: CallContext, request: ChatRequest, *,

@@ -32,7 +32,8 @@ while _b < 600_000:
     _b *= 1.25
 COUNTERS = ("requests", "successes", "errors", "prompt_tokens", "completion_tokens", "cache_hits", "cache_misses",
             "latency_sum", "ttft_sum", "ttft_count")
-DEPLOYMENT, MODEL = "deployment", "model"
+DEPLOYMENT, MODEL, TOTAL = "deployment", "model", "total"
+TOTAL_KEY = "calls"
 FLUSH_INTERVAL = 1.0
 
 _lock = threading.Lock()
@@ -87,6 +88,14 @@ def record_call(*, model: str, ok: bool, latency_ms: int, ttft_ms: int | None = 
                 completion_tokens: int = 0, cache_hit: bool | None = None) -> None:
     _add(MODEL, model, _fields(ok=ok, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens, cache_hit=cache_hit))
+    _maybe_flush()
+
+
+def record_total(*, ok: bool, latency_ms: int, ttft_ms: int | None = None, prompt_tokens: int = 0,
+                 completion_tokens: int = 0, cache_hit: bool | None = None) -> None:
+    """One caller's call, whatever models it went through (a fallback is one call here, two per model)."""
+    _add(TOTAL, TOTAL_KEY, _fields(ok=ok, latency_ms=latency_ms, ttft_ms=ttft_ms, prompt_tokens=prompt_tokens,
+                                   completion_tokens=completion_tokens, cache_hit=cache_hit))
     _maybe_flush()
 
 
@@ -234,7 +243,8 @@ def _collect_redis(client: Any, start_m: int, end_m: int) -> tuple[dict[tuple[st
 
 
 def snapshot(start: datetime | None = None, end: datetime | None = None) -> dict[str, Any]:
-    """Metrics over [start, end] (default: the last hour): per deployment, per model, and in total."""
+    """Metrics over [start, end] (default: the last hour): per deployment (attempts), per model (a call that
+    fell back counts for both models) and in total (callers' calls, each counted once)."""
     start_m, end_m = _minutes(start, end)
     start_m = max(start_m, end_m - settings.LLM_METRICS_RETENTION_MINUTES)
     client = get_redis()
@@ -253,9 +263,10 @@ def snapshot(start: datetime | None = None, end: datetime | None = None) -> dict
             continue
         if scope == DEPLOYMENT:
             deployments.append({**labels.get(key, {"deployment_id": int(key)}), **_summarize(fields)})
+        elif scope == TOTAL:
+            total.update(fields)
         else:
             models.append({"model": key, **_summarize(fields)})
-            total.update(fields)
     return {
         "start": datetime.fromtimestamp(start_m * 60, UTC).isoformat(),
         "end": datetime.fromtimestamp((end_m + 1) * 60, UTC).isoformat(),

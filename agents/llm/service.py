@@ -48,6 +48,7 @@ from agents.llm.types import (
     LLMError,
     NoHealthyDeployment,
     RateLimited,
+    Served,
     TextDelta,
     UpstreamTimeout,
     Usage,
@@ -105,6 +106,28 @@ async def complete(request: ChatRequest) -> ChatResult:
 # --- the call -------------------------------------------------------------------------------
 
 async def _run(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta | ChatResult]:
+    """_serve, counted once in the total metrics however many models it went through."""
+    started = time.monotonic()
+    looked_up = cache.cacheable(request)
+    try:
+        async with aclosing(_serve(request, whole=whole)) as items:
+            async for item in items:
+                if isinstance(item, ChatResult):
+                    metrics.record_total(ok=True, latency_ms=item.latency_ms, ttft_ms=item.ttft_ms,
+                                         prompt_tokens=item.usage.prompt_tokens,
+                                         completion_tokens=item.usage.completion_tokens,
+                                         cache_hit=item.cache_hit if looked_up else None)
+                yield item
+    except LLMError as exc:
+        partial = exc.partial
+        metrics.record_total(ok=False, latency_ms=_ms(started), ttft_ms=partial.ttft_ms if partial else None,
+                             prompt_tokens=partial.usage.prompt_tokens if partial else 0,
+                             completion_tokens=partial.usage.completion_tokens if partial else 0,
+                             cache_hit=False if looked_up else None)
+        raise
+
+
+async def _serve(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta | ChatResult]:
     call = _Call(request, whole)
     key = cache.cache_key(request) if cache.cacheable(request) else None
     if key is not None:
@@ -114,8 +137,10 @@ async def _run(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta 
             metrics.record_call(model=request.model, ok=True, latency_ms=result.latency_ms, ttft_ms=result.ttft_ms,
                                 cache_hit=True)
             if not whole:
-                for piece in _pieces(result.content):
-                    yield TextDelta(piece)
+                served = Served(provider=result.provider, deployment_id=result.deployment_id, model=result.model,
+                                cache_hit=True)
+                for n, piece in enumerate(_pieces(result.content)):
+                    yield TextDelta(piece, served=None if n else served)
             yield result
             return
 
@@ -270,6 +295,7 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
     ttft_ms: int | None = None
     parts: list[str] = []
     usage: Usage | None = None
+    finish_reason: str | None = None
     verdict = False
     balancer.acquire(deployment.id)
     upstream = adapter.stream(request, deployment.upstream_model)
@@ -292,6 +318,8 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
                 if isinstance(item, Usage):
                     usage = item
                     continue
+                if item.finish_reason:
+                    finish_reason = item.finish_reason
                 if not item.content:
                     continue
                 if ttft_ms is None:
@@ -300,6 +328,9 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
                         call.ttft_ms = _ms(call.started)
                 parts.append(item.content)
                 if not call.whole:
+                    if not call.delivered:
+                        item.served = Served(provider=deployment.provider, deployment_id=deployment.id,
+                                             model=route.name, fallback=route.name != call.request.model)
                     call.delivered = True
                     yield item
         except LLMError as exc:
@@ -336,8 +367,9 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
         result = ChatResult(
             content=content, usage=usage, model=route.name, provider=deployment.provider,
             deployment_id=deployment.id, upstream_model=deployment.upstream_model,
-            finish_reason="stop" if not request.max_tokens or usage.completion_tokens < request.max_tokens
-            else "length",
+            # The upstream's own reason when it gave one; else "length" when the reply used up max_tokens.
+            finish_reason=finish_reason or ("stop" if not request.max_tokens
+                                            or usage.completion_tokens < request.max_tokens else "length"),
             latency_ms=_ms(call.started), ttft_ms=call.ttft_ms,
             attempts=list(call.attempts),
         )

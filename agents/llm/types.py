@@ -84,10 +84,25 @@ class ChatResult:
 
 
 @dataclass
+class Served:
+    """Who serves a stream. Settled when its first text reaches the caller: no retry or fallback after that."""
+
+    provider: str
+    deployment_id: int | None = None
+    model: str = ""  # public model name (the fallback's when fallback=True)
+    fallback: bool = False
+    cache_hit: bool = False
+
+
+@dataclass
 class TextDelta:
     """One piece of streamed text. The last item of a stream is a ChatResult, never a TextDelta."""
 
     content: str
+    # Set by the service on the first piece a caller receives (e.g. for a stream's response headers).
+    served: Served | None = None
+    # The upstream's own finish_reason, on the piece that carried it (usually one with empty text).
+    finish_reason: str | None = None
 
 
 class LLMError(Exception):

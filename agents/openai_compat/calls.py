@@ -36,9 +36,11 @@ class PreparedCall:
 def build_request(target: Target, messages: list[dict[str, Any]], *, account: Any, project: str = "",
                   max_tokens: int | None = None, options: dict[str, Any] | None = None) -> ChatRequest:
     """The ChatRequest for a model or an agent, with the client's sampling options (temperature, top_p,
-    stop, response_format, user) over the agent's; max_tokens is capped by the model's max_output_tokens."""
+    stop, response_format, user) over the agent's; max_tokens is capped by the model's max_output_tokens.
+    An agent falls back only to target.fallback (its fallback model, if the key may use it)."""
     if target.agent is not None:
         request = build_agent_request(target.agent, messages, user=account, project=project)
+        request.fallback_model = target.fallback.name if target.fallback is not None else None
     else:
         request = ChatRequest(model=target.model.name, messages=messages)
     for name, value in (options or {}).items():

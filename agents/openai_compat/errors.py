@@ -3,7 +3,8 @@
 The status code decides which exception the openai SDK raises (400 BadRequestError, 401
 AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx InternalServerError, anything else
 APIStatusError). `x-should-retry: false` tells the SDK not to retry an error that waiting won't fix
-(an exhausted quota or budget), while rate limits carry `retry-after` so its retries wait just long enough.
+(an exhausted quota or budget) or that must not be repeated (a 500 from a bug, after which the call may
+already be billed), while rate limits carry `retry-after` so its retries wait just long enough.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class OpenAIError(Exception):
 def invalid_api_key() -> OpenAIError:
     return OpenAIError("Incorrect API key provided, or the key is revoked or expired.", status=401,
                        code="invalid_api_key")
+
+
+def internal_error() -> OpenAIError:
+    # A bug on our side, maybe after the upstream answered and the call was billed: the SDK must not repeat it.
+    return OpenAIError("The server had an error while processing your request.", status=500, type="server_error",
+                       code="internal_error", should_retry=False)
 
 
 def model_not_found(name: str) -> OpenAIError:

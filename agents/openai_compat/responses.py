@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from django.http import StreamingHttpResponse
 
-from agents.llm.types import ChatResult, Usage
+from agents.llm.types import ChatResult, TextDelta, Usage
 from usage.money import money_str
 
 DONE = b"data: [DONE]\n\n"
@@ -28,17 +28,27 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def extras_headers(result: ChatResult, cost: Decimal) -> dict[str, str]:
+def _served_headers(provider: str, fallback: bool, cache_hit: bool) -> dict[str, str]:
     return {
-        "x-aiwriter-cost": money_str(cost),
-        "x-aiwriter-provider": quote(result.provider, safe=" -_.~:/@"),
-        "x-aiwriter-fallback": "true" if result.fallback else "false",
-        "x-aiwriter-cache": "hit" if result.cache_hit else "miss",
+        "x-aiwriter-provider": quote(provider, safe=" -_.~:/@"),
+        "x-aiwriter-fallback": "true" if fallback else "false",
+        "x-aiwriter-cache": "hit" if cache_hit else "miss",
     }
 
 
-# Sent with a stream's headers, before anything about the call is known (see docs/openai-compat.md).
-STREAM_EXTRAS_HEADERS = {"x-aiwriter-cost": "pending"}
+def extras_headers(result: ChatResult, cost: Decimal) -> dict[str, str]:
+    return {"x-aiwriter-cost": money_str(cost), **_served_headers(result.provider, result.fallback, result.cache_hit)}
+
+
+def stream_extras_headers(first: TextDelta | ChatResult) -> dict[str, str]:
+    """Our extras on a stream, sent with its first item (see docs/openai-compat.md). Who serves it is settled
+    then: nothing is retried nor falls back once text reached the client. The cost is known only at the end."""
+    headers = {"x-aiwriter-cost": "pending"}
+    if isinstance(first, ChatResult):  # a reply without any text: the call is over already
+        headers.update(_served_headers(first.provider, first.fallback, first.cache_hit))
+    elif first.served is not None:
+        headers.update(_served_headers(first.served.provider, first.served.fallback, first.served.cache_hit))
+    return headers
 
 
 class EventStreamResponse(StreamingHttpResponse):

@@ -49,6 +49,10 @@ def openai_view(method: str) -> Callable[[View], View]:
                 logger.warning("database unavailable on %s", request.path)
                 return errors.OpenAIError("The database is unavailable; try again.", status=503,
                                           type="server_error", code="database_unavailable").response()
+            except Exception:
+                # A bug: still answer in OpenAI's shape, so the SDK raises InternalServerError with our message.
+                logger.exception("unhandled error on %s", request.path)
+                return errors.internal_error().response()
 
         return wrapper
 
@@ -117,7 +121,8 @@ async def _stream(call: calls.PreparedCall, completion: responses.Completion) ->
             await calls.finish_call(call, exc.partial)
         raise
     response = responses.EventStreamResponse(_events(call, completion, stream, first))
-    for name, value in responses.STREAM_EXTRAS_HEADERS.items():
+    served = first.result if isinstance(first, MeteredResult) else first
+    for name, value in responses.stream_extras_headers(served).items():
         response[name] = value
     return response
 
@@ -166,3 +171,9 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
         raise errors.model_not_found(model_id) from None
     created = target.agent.created_at if target.agent else target.model.created_at
     return JsonResponse(responses.model_object(model_id, created))
+
+
+@csrf_exempt
+async def unknown_path(request: HttpRequest, path: str = "") -> HttpResponse:
+    """Any other /v1 path (embeddings, images, …): OpenAI's own answer to an unknown URL, in its shape."""
+    return errors.OpenAIError(f"Invalid URL ({request.method} {request.path})", status=404).response()
