@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
@@ -45,6 +46,17 @@ class Conflict(ApiError):
     status_code = 409
     code = "conflict"
     message = "Conflict."
+
+
+class RequestTooLarge(ApiError):
+    """The body is over DATA_UPLOAD_MAX_MEMORY_SIZE (MAX_REQUEST_BYTES); /v1 answers with the same code."""
+
+    status_code = 413
+    code = "request_too_large"
+
+    def __init__(self, message: str | None = None, **kwargs):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        super().__init__(message or f"The request body is larger than {limit} bytes.", **kwargs)
 
 
 class ServiceUnavailable(ApiError):
@@ -91,6 +103,8 @@ def api_exception_handler(exc, context) -> Response | None:
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):  # Django's own check, when DRF reads the body: 413, not 400
+        exc = RequestTooLarge()
     elif isinstance(exc, (OperationalError, InterfaceError)):
         logger.warning("database unavailable: %s", exc.__class__.__name__)
         exc = ServiceUnavailable("The database is unavailable; try again.", code="database_unavailable")
@@ -128,4 +142,7 @@ def handler403(request, exception=None):
 
 
 def handler400(request, exception=None):
+    if isinstance(exception, RequestDataTooBig):  # a body too large for a non-DRF view (or the CSRF check)
+        too_large = RequestTooLarge()
+        return error_response(too_large.code, too_large.message, too_large.status_code)
     return error_response("bad_request", "Bad request.", 400)

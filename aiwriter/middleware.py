@@ -4,6 +4,8 @@ import re
 import uuid
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.urls import reverse
 
 from aiwriter.errors import error_response
 from aiwriter.logging import request_id_var
@@ -70,3 +72,39 @@ class RejectNulMiddleware:
 
     async def __acall__(self, request):
         return self._refusal(request) or await self.get_response(request)
+
+
+class ContentSecurityPolicyMiddleware:
+    """Adds Content-Security-Policy to HTML pages: CONTENT_SECURITY_POLICY, or CONTENT_SECURITY_POLICY_ADMIN
+    under the admin (whose templates carry a few inline styles). JSON and event streams run no scripts: no header.
+    """
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self._admin_prefix: str | None = None
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def _add_header(self, request, response):
+        if "Content-Security-Policy" in response or not response.get("Content-Type", "").startswith("text/html"):
+            return response
+        if settings.DEBUG and response.status_code >= 400:
+            return response  # Django's debug error pages are styled and scripted inline
+        if self._admin_prefix is None:
+            self._admin_prefix = reverse("admin:index")
+        admin = request.path.startswith(self._admin_prefix)
+        policy = settings.CONTENT_SECURITY_POLICY_ADMIN if admin else settings.CONTENT_SECURITY_POLICY
+        if policy:
+            response["Content-Security-Policy"] = policy
+        return response
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return self._add_header(request, self.get_response(request))
+
+    async def __acall__(self, request):
+        return self._add_header(request, await self.get_response(request))

@@ -39,7 +39,7 @@ def test_balance_quota_and_spend_chart(browser_page, web_server, alice):
     UsageCounter.objects.create(user=alice, period=periods.month_start(), tokens=250, cost=Decimal("1.25"))
     page = browser_page
     browser_login(page, web_server, "alice", next_path="/account/")
-    page.wait_for_function("document.getElementById('balance').textContent.includes('42.50')")
+    page.wait_for_function("() => document.getElementById('balance').textContent.includes('42.50')")
     page.wait_for_selector("#quota-bars .quota")
     assert "250 of 1,000 (25%)" in page.inner_text("#quota-bars")
     assert page.locator("#quota-bars .bar[role=progressbar]").get_attribute("aria-valuenow") == "25"

@@ -1,5 +1,9 @@
 import pytest
+from django.db import connections
 from django.test import override_settings
+
+from aiwriter import health
+from tests.fixtures_faults import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -38,3 +42,25 @@ def test_unknown_api_path_is_json_404(client):
     response = client.get("/api/does-not-exist/")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_readyz_reports_unreachable_database(client, monkeypatch):
+    """A database that refuses connections: 503, naming the database, without the driver's message (host, port)."""
+    broken = connections.create_connection("default")  # a fresh connection with the same settings...
+    port = free_port()
+    if broken.vendor == "sqlite":  # ...pointed at a database that cannot be opened
+        broken.settings_dict = {**broken.settings_dict, "NAME": f"/nonexistent-{port}/db.sqlite3"}
+    else:  # ...or at a port where nothing listens
+        broken.settings_dict = {**broken.settings_dict, "HOST": "127.0.0.1", "PORT": port}
+    monkeypatch.setattr(health, "connection", broken)
+    try:
+        response = client.get("/readyz")
+    finally:
+        broken.close()
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["database"] == "error: OperationalError"
+    assert body["error"]["code"] == "not_ready" and body["error"]["retryable"] is True
+    assert "database" in body["error"]["message"]
+    assert str(port) not in response.content.decode()

@@ -51,3 +51,35 @@ def test_json_log_lines_carry_the_request_id(client):
     assert lines, "a 404 is logged by django.request"
     assert all(line["request_id"] == "req-42" for line in lines)
     assert {"ts", "level", "logger", "message"} <= set(lines[0])
+
+
+LOGGING_SCRIPT = """
+import logging
+from django.test import Client
+
+log = logging.getLogger("aiwriter.logcheck")
+log.warning("a message\\nover two lines")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("with a traceback")
+Client().get("/api/does-not-exist/", HTTP_X_REQUEST_ID="req-json-7")
+"""
+
+
+def test_log_format_json_writes_one_json_object_per_line():
+    """The real settings with LOG_FORMAT=json: every line the process writes to stderr is one JSON object, even
+    for a multi-line message and a traceback, and a request's line carries its request id."""
+    result = _manage("shell", "-c", LOGGING_SCRIPT, env={
+        "LOG_FORMAT": "json", "SECRET_KEY": "x" * 50, "DATABASE_URL": "", "REDIS_URL": "", "SQLITE_PATH": ":memory:",
+    })
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # a line that is not JSON fails here
+    assert all(isinstance(r, dict) and {"ts", "level", "logger", "message", "request_id"} <= set(r) for r in records)
+    by_message = {r["message"]: r for r in records}
+    assert by_message["a message\nover two lines"]["level"] == "WARNING"
+    assert "ZeroDivisionError" in by_message["with a traceback"]["exc"]
+    request_lines = [r for r in records if r["logger"] == "django.request"]
+    assert request_lines and all(r["request_id"] == "req-json-7" for r in request_lines)
+    assert request_lines[0]["message"] == "Not Found: /api/does-not-exist/"

@@ -99,10 +99,10 @@ function isoDay(d) {
 
 async function loadSpend() {
   const box = $("spend-chart");
-  const end = new Date();
-  const start = new Date(end.getTime() - 29 * 86400000);
+  const start = new Date(Date.now() - 29 * 86400000);
   try {
-    const data = await api(`/api/usage/stats/?group_by=day&start=${isoDay(start)}&end=${isoDay(end)}`);
+    // No end: the server's today, in the quota time zone, which may be a day ahead of the browser's.
+    const data = await api(`/api/usage/stats/?group_by=day&start=${isoDay(start)}`);
     const byDay = new Map((data.by_day || []).map((row) => [row.day, row]));
     // Days are the server's (quota time zone): walk from its start to its end.
     const days = [];

@@ -52,10 +52,7 @@ class Command(BaseCommand):
         infos = [registry.deployment_info(d) for d in deployments.select_related("provider", "model").order_by("id")]
 
         async def run_all():
-            try:
-                return await asyncio.gather(*(probe(info, timeout) for info in infos))
-            finally:
-                await clients.close_loop_clients()
+            return await asyncio.gather(*(probe(info, timeout) for info in infos))
 
         results = asyncio.run(run_all()) if infos else []
         now = timezone.now()
