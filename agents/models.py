@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from encrypted_fields.fields import EncryptedCharField
@@ -117,3 +118,13 @@ class Agent(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        # Calls cap max_tokens at the model's max_output_tokens anyway; storing more would only mislead.
+        if self.max_tokens is None:
+            return
+        if self.max_tokens < 1:
+            raise ValidationError({"max_tokens": "At least 1 (leave it empty for the model's maximum)."})
+        model = self.model if self.model_id else None
+        if model is not None and self.max_tokens > model.max_output_tokens:
+            raise ValidationError({"max_tokens": f"At most the model's max_output_tokens ({model.max_output_tokens})."})

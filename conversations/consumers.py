@@ -127,7 +127,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise BadFrame("Unknown frame type; expected message, cancel or subscribe.")
             await handler(frame)
         except ApiError as exc:
-            await self._send_json(error_frame(exc.code, exc.message, exc.retryable, exc.extra.get("message_id")))
+            retry_after = str(exc.headers.get("Retry-After", ""))  # e.g. a key's rate limit: seconds to wait
+            await self._send_json(error_frame(exc.code, exc.message, exc.retryable, exc.extra.get("message_id"),
+                                              retry_after=int(retry_after) if retry_after.isdigit() else None))
         except Exception:  # noqa: BLE001 - e.g. the database is down: tell this frame's sender, keep the socket
             logger.exception("chat frame failed")
             await self._send_json(error_frame("internal_error", "The server could not handle this frame.", True))
@@ -171,17 +173,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise BadFrame("`project` must be a string of at most 100 characters.")
         if project is None:
             project = getattr(self.api_key, "project", "") or ""
-        exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id)
+        new = frame.get("new", False)
+        if not isinstance(new, bool):
+            raise BadFrame("`new` must be true or false.")
+        exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id,
+                                                             new)
         group = group_name(exchange.conversation.pk)
         await self._join(group)
         task = asyncio.create_task(self._generate(exchange, group))
         if not exchange.finished:
             self.generations[exchange.conversation.pk] = task
 
-    def _begin(self, conversation_id, agent, project, content, client_id) -> services.Exchange:
+    def _begin(self, conversation_id, agent, project, content, client_id, new) -> services.Exchange:
         if conversation_id is None:
             conversation, _ = services.create_conversation(user=self.user, agent=services.resolve_agent(agent),
-                                                           project=project, api_key=self.api_key)
+                                                           project=project, api_key=self.api_key, new=new,
+                                                           client_id=client_id)
         else:
             conversation = selectors.conversation_for(user=self.user, conversation_id=conversation_id)
         return services.begin_exchange(user=self.user, conversation=conversation, content=content,

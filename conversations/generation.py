@@ -19,6 +19,7 @@ from asgiref.sync import sync_to_async
 
 from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
+from agents.openai_compat import keylimits
 from aiwriter.errors import ApiError
 from conversations import prompt, services
 from conversations.models import Message
@@ -47,11 +48,15 @@ def status_frame(exchange: Exchange, status: str) -> dict[str, Any]:
             "message": exchange.reply.pk}
 
 
-def error_frame(code: str, text: str, retryable: bool, message_id: int | None = None) -> dict[str, Any]:
+def error_frame(code: str, text: str, retryable: bool, message_id: int | None = None,
+                retry_after: int | None = None) -> dict[str, Any]:
+    """`message` when a reply exists; `retry_after` (seconds, as the HTTP Retry-After) when it is known."""
     frame: dict[str, Any] = {"type": "error"}
     if message_id is not None:
         frame["message"] = message_id
     frame.update(code=code, message_text=text, retryable=retryable)
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
     return frame
 
 
@@ -129,11 +134,12 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     parts: list[str] = []
     request: ChatRequest | None = None
     stream = None
+    ctx: CallContext | None = None
     started = time.monotonic()
     try:
         await emit(status_frame(exchange, "thinking"))
         request = await sync_to_async(prompt.build_request)(
-            conversation=exchange.conversation, user_message=exchange.user_message, user=user)
+            conversation=exchange.conversation, user_message=exchange.user_message, user=user, api_key=api_key)
         ctx = CallContext(user=user, entry_point=entry_point, api_key=api_key, project=exchange.conversation.project,
                           agent=exchange.conversation.agent, conversation=exchange.conversation, message=reply)
         metered: MeteredResult | None = None
@@ -191,9 +197,11 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         await _close(stream)
         content = "".join(parts)
         prompt_tokens, completion_tokens = _estimate(request, content)
+        record = ctx.usage_record if ctx is not None else None
         await finish(exchange, status=Message.Status.ERROR, content=content, error_message=CANCELLED_TEXT,
                      error_code="cancelled", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000))
+                     usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000),
+                     cost=record.cost if record is not None and record.charged else Decimal("0"))
         await _emit_quietly(emit, error_frame("cancelled", CANCELLED_TEXT, True, reply.pk))
         raise
     except Exception:  # noqa: BLE001 - a bug must still leave a final state and a free lock
@@ -205,7 +213,18 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                                               True, reply.pk))
     finally:
         await sync_to_async(services.release_lock)(exchange)
+        await _record_key_tokens(api_key, reply)
     return reply
+
+
+async def _record_key_tokens(api_key: Any, reply: Message) -> None:
+    """The tokens the reply used (real or estimated) count against the API key's tokens per minute."""
+    if not getattr(api_key, "tpm", None):
+        return
+    try:
+        await keylimits.record_tokens(api_key, reply.prompt_tokens + reply.completion_tokens)
+    except Exception:  # noqa: BLE001 - the reply is stored; a lost count only loosens the limit
+        logger.exception("could not record the key's tokens for reply %s", reply.pk)
 
 
 async def _close(stream) -> None:

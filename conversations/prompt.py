@@ -1,5 +1,6 @@
 """What the model sees for a reply: the agent's personalised system prompt, relevant memory, and the
 conversation's successful messages trimmed to the model's context window by token count (oldest out first).
+The reply's max_tokens is capped by the model's max_output_tokens and by the room the prompt leaves.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from agents.llm import tokens
 from agents.llm.agent_request import build_agent_request, render_system_prompt
 from agents.llm.types import ChatRequest
 from agents.models import Agent
-from conversations import memory, selectors
+from conversations import memory, selectors, services
 from conversations.models import Conversation, Message
 
 
@@ -19,13 +20,18 @@ def _message_tokens(message: dict[str, Any], model: str) -> int:
 
 
 def output_reserve(agent: Agent) -> int:
-    """Tokens kept free for the reply: the agent's max_tokens, else the model's, at most half the window."""
-    wanted = agent.max_tokens or agent.model.max_output_tokens
+    """Tokens kept free for the reply: the agent's max_tokens (at most the model's max_output_tokens), else
+    the model's, at most half the window."""
+    cap = agent.model.max_output_tokens
+    wanted = min(agent.max_tokens, cap) if agent.max_tokens and cap else agent.max_tokens or cap
     return min(wanted, agent.model.context_window // 2)
 
 
-def build_request(*, conversation: Conversation, user_message: Message, user: Any) -> ChatRequest:
-    """Sync (touches the database); call through sync_to_async from async code."""
+def build_request(*, conversation: Conversation, user_message: Message, user: Any,
+                  api_key: Any = None) -> ChatRequest:
+    """Sync (touches the database); call through sync_to_async from async code.
+
+    A key limited to some models falls back only to one of them (as on /v1): else no fallback."""
     agent = Agent.objects.select_related("model", "fallback_model").get(pk=conversation.agent_id)
     model = agent.model.name
     budget = agent.model.context_window - output_reserve(agent)
@@ -56,4 +62,9 @@ def build_request(*, conversation: Conversation, user_message: Message, user: An
             request.messages[0] = {"role": "system", "content": with_memory}
         else:
             request.messages.insert(0, {"role": "system", "content": with_memory})
+    if request.fallback_model and not services.key_allows_model(api_key, agent.fallback_model_id):
+        request.fallback_model = None
+    room = agent.model.context_window - used  # at least the reserve, unless the new message alone overflows
+    if request.max_tokens and room > 0:
+        request.max_tokens = min(request.max_tokens, room)
     return request

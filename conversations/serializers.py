@@ -13,6 +13,8 @@ class ConversationCreateInput(serializers.Serializer):
     agent = serializers.CharField(max_length=100)
     project = serializers.CharField(max_length=100, required=False, allow_blank=True)
     title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    new = serializers.BooleanField(required=False, default=False,
+                                   help_text="Always start a new conversation (no 5-minute dedupe).")
 
 
 class ConversationUpdateInput(serializers.Serializer):

@@ -16,13 +16,16 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from agents.llm import tokens
 from agents.models import Agent
+from agents.openai_compat import keylimits
 from aiwriter.errors import ApiError
 from conversations import locks, moderation, selectors, sequence
 from conversations.models import Conversation, GenerationLease, Message
@@ -48,6 +51,13 @@ class NotRetryable(ApiError):
 class MessageTooLong(ApiError):
     status_code = 413
     code = "message_too_long"
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    code = "rate_limited"
+    message = "This API key's rate limit is reached."
+    retryable = True
 
 
 @dataclass
@@ -83,11 +93,16 @@ def check_key_access(api_key: Any, agent: Agent) -> None:
 
     Unknown to the key reads as unknown at all, so a key cannot probe for agents it may not use.
     """
-    if api_key is None or getattr(api_key, "pk", None) is None:
-        return
-    links = ApiKey.allowed_models.through.objects.filter(apikey_id=api_key.pk)
-    if links.exists() and not links.filter(llmmodel_id=agent.model_id).exists():
+    if not key_allows_model(api_key, agent.model_id):
         raise UnknownAgent()
+
+
+def key_allows_model(api_key: Any, model_id: int) -> bool:
+    """True unless the API key is limited to some models and this is not one of them."""
+    if api_key is None or getattr(api_key, "pk", None) is None:
+        return True
+    links = ApiKey.allowed_models.through.objects.filter(apikey_id=api_key.pk)
+    return not links.exists() or links.filter(llmmodel_id=model_id).exists()
 
 
 def _dedupe_cache_key(user_id: int, agent_id: int, project: str) -> str:
@@ -101,17 +116,21 @@ def _recent(user, agent: Agent, project: str):
                                        created_at__gte=since)
 
 
-def create_conversation(*, user, agent: Agent, project: str = "", title: str = "",
-                        api_key: Any = None) -> tuple[Conversation, bool]:
+def create_conversation(*, user, agent: Agent, project: str = "", title: str = "", api_key: Any = None,
+                        new: bool = False, client_id: str | None = None) -> tuple[Conversation, bool]:
     """The user's conversation with this agent and project from the last 5 minutes, or a new one.
 
     Returns (conversation, created). Redis (the cache) is only a fast path; the guarantee that 100
     identical concurrent requests make one row is a per-user PostgreSQL advisory lock around the
     check-then-insert.
+
+    `new` skips the dedupe: always a new conversation (which later deduplicated creates then find) —
+    except that a `client_id` already sent to one of those recent conversations finds that one, so a
+    message frame re-sent after a reconnect replays instead of starting a second conversation.
     """
     check_key_access(api_key, agent)
     key = _dedupe_cache_key(user.pk, agent.pk, project)
-    cached_id = cache.get(key)
+    cached_id = None if new else cache.get(key)
     if cached_id:
         existing = _recent(user, agent, project).filter(pk=cached_id).first()
         if existing is not None:
@@ -120,13 +139,19 @@ def create_conversation(*, user, agent: Agent, project: str = "", title: str = "
         if settings.IS_POSTGRES:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [locks.ADVISORY_DEDUPE, user.pk])
-        existing = _recent(user, agent, project).order_by("-created_at").first()
+        if not new:
+            existing = _recent(user, agent, project).order_by("-created_at").first()
+        elif client_id:
+            existing = _recent(user, agent, project).filter(messages__client_id=client_id).first()
+        else:
+            existing = None
         if existing is not None:
             conversation, created = existing, False
         else:
             conversation = Conversation.objects.create(owner=user, agent=agent, project=project, title=title)
             created = True
-    cache.set(key, conversation.pk, timeout=settings.CONVERSATION_DEDUPE_SECONDS)
+    if created or not new:
+        cache.set(key, conversation.pk, timeout=settings.CONVERSATION_DEDUPE_SECONDS)
     return conversation, created
 
 
@@ -154,6 +179,21 @@ def _validate_content(content: Any) -> str:
     return content
 
 
+def _check_key_rate(api_key: Any, content: str) -> None:
+    """The API key's requests and tokens per minute, as on /v1 and the writer endpoints (shared counters).
+
+    The new message's tokens stand for the prompt; the reply's real usage is added when it ends
+    (`generation.run_exchange`). A session has no key and no such limit. Raises RateLimited (429).
+    """
+    if not (getattr(api_key, "rpm", None) or getattr(api_key, "tpm", None)):
+        return
+    prompt_tokens = tokens.count_messages([{"role": "user", "content": content}]) if api_key.tpm else 0
+    try:
+        async_to_sync(keylimits.acquire)(api_key, prompt_tokens=prompt_tokens)
+    except keylimits.KeyRateLimited as exc:
+        raise RateLimited(exc.message, headers=exc.headers, retryable=exc.retryable, extra=exc.extra) from None
+
+
 def _replay(conversation: Conversation, client_id: str | None) -> Exchange | None:
     if not client_id:
         return None
@@ -169,9 +209,10 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
                    api_key: Any = None) -> Exchange:
     """Stores the user message and a `processing` reply under the conversation's lock.
 
-    Raises ConversationBusy (409) / TooManyConcurrent (429). A repeated client_id returns the first
-    exchange (replay) instead. Moderation runs here: a rejected message ends as `content_violation`
-    without a lock held and without any model call.
+    Raises ConversationBusy (409) / TooManyConcurrent (429), or RateLimited (429) for an API key over its
+    rate limits, before anything is stored. A repeated client_id returns the first exchange (replay)
+    instead, not counted against those limits. Moderation runs here: a rejected message ends as
+    `content_violation` without a lock held and without any model call.
     """
     check_key_access(api_key, conversation.agent)
     content = _validate_content(content)
@@ -185,6 +226,7 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
         if replay is not None:
             locks.release(lock)
             return replay
+        _check_key_rate(api_key, content)
 
         def insert(numbers: list[int]) -> tuple[Message, Message]:
             user_message = Message.objects.create(
@@ -206,7 +248,9 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
 
 
 def begin_retry(*, user, conversation: Conversation, message: Message, api_key: Any = None) -> Exchange:
-    """A new reply to the user message whose reply `message` failed; the failed one is kept as it was."""
+    """A new reply to the user message whose reply `message` failed; the failed one is kept as it was.
+
+    An API key's rate limits apply as to a new message (RateLimited before anything is stored)."""
     check_key_access(api_key, conversation.agent)
     if message.role != Message.Role.ASSISTANT or message.status not in selectors.FAILED_STATUSES \
             or message.reply_to_id is None:
@@ -217,6 +261,7 @@ def begin_retry(*, user, conversation: Conversation, message: Message, api_key: 
         newer = user_message.replies.filter(sequence__gt=message.sequence).exists()
         if newer or user_message.status == Message.Status.SUCCESS:
             raise NotRetryable()
+        _check_key_rate(api_key, user_message.content)
 
         def insert(numbers: list[int]) -> Message:
             reply = Message.objects.create(

@@ -56,7 +56,7 @@ class ConversationListView(GenericAPIView):
             project = getattr(request.auth, "project", "") or ""
         conversation, created = services.create_conversation(
             user=request.user, agent=services.resolve_agent(data.validated_data["agent"]), project=project,
-            title=data.validated_data["title"], api_key=request.auth)
+            title=data.validated_data["title"], api_key=request.auth, new=data.validated_data["new"])
         return Response(ConversationSerializer(conversation).data, status=201 if created else 200)
 
 

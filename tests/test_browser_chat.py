@@ -21,8 +21,12 @@ RECORDER = """
 window.__frames = [];
 window.__statuses = [];
 window.__lengths = [];
+window.__connection = [];
 document.addEventListener("aiw:frame", (e) => window.__frames.push(e.detail));
 new MutationObserver(() => {
+  const connection = document.getElementById("connection");
+  const state = connection && connection.dataset.state;
+  if (state && window.__connection[window.__connection.length - 1] !== state) window.__connection.push(state);
   const bubbles = document.querySelectorAll("article.message.assistant");
   const last = bubbles[bubbles.length - 1];
   if (!last) return;
@@ -33,6 +37,8 @@ new MutationObserver(() => {
   if (window.__lengths[window.__lengths.length - 1] !== length) window.__lengths.push(length);
 }).observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
 """
+# Predicates as functions: the page's CSP (script-src 'self') forbids evaluating a bare expression string.
+TWO_REPLIES_SHOWN = "() => document.querySelectorAll('article.message.assistant .meta:not([hidden])').length === 2"
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +130,7 @@ def test_stop_cancels_the_reply_midway(chat_page, fake_upstream):
     fake_upstream.configure("web-model", reply=" ".join(["word"] * 400), chunk_delay=0.05)
     page = chat_page
     _send(page, "A long one please")
-    page.wait_for_function("window.__frames.filter(f => f.type === 'delta').length >= 3")
+    page.wait_for_function("() => window.__frames.filter(f => f.type === 'delta').length >= 3")
     page.click("#stop")
     bubble = _last_assistant(page)
     bubble.locator(".failure").wait_for(state="visible")
@@ -207,13 +213,13 @@ def test_reconnects_after_a_dropped_socket_and_keeps_the_screen(chat_page):
     _send(page, "First message")
     _last_assistant(page).locator(".meta").wait_for(state="visible")
     before = page.locator("article.message").count()
-    page.evaluate("window.aiwChat.socket.drop()")
-    page.wait_for_selector("#connection[data-state=closed]")
-    page.wait_for_selector("#connection[data-state=open]")
+    page.evaluate("window.__connection = []; window.aiwChat.socket.drop()")
+    # The states are recorded in the page: "closed" lasts only until the first retry, a few hundred ms.
+    page.wait_for_function("() => window.__connection.includes('closed') && window.__connection.at(-1) === 'open'")
     assert page.locator("article.message").count() == before
     assert "First message" in page.locator("article.message.user").first.inner_text()
     _send(page, "Second message")
-    page.wait_for_function("document.querySelectorAll('article.message.assistant .meta:not([hidden])').length === 2")
+    page.wait_for_function(TWO_REPLIES_SHOWN)
     assert page.locator("article.message").count() == before + 2
 
 
@@ -222,7 +228,7 @@ def test_a_socket_dropped_midway_keeps_the_text_and_says_what_happened(chat_page
     fake_upstream.configure("web-model", reply=long_reply, chunk_delay=0.05)
     page = chat_page
     _send(page, "A long one please")
-    page.wait_for_function("window.__frames.filter(f => f.type === 'delta').length >= 3")
+    page.wait_for_function("() => window.__frames.filter(f => f.type === 'delta').length >= 3")
     bubble = _last_assistant(page)
     # Drop the socket as a network failure would, noting what the user saw at that moment.
     shown = page.evaluate("""() => {
@@ -281,9 +287,26 @@ def test_pick_an_agent_and_continue_an_old_conversation_from_the_sidebar(chat_pa
     assert "active" in page.get_attribute(f"button.conversation[data-conversation-id='{first.pk}']", "class")
 
     _send(page, "And once more")  # continues the old conversation
-    page.wait_for_function("document.querySelectorAll('article.message.assistant .meta:not([hidden])').length === 2")
+    page.wait_for_function(TWO_REPLIES_SHOWN)
     first.refresh_from_db()
     assert first.message_count == 4 and Conversation.objects.count() == 2
+
+
+def test_new_conversation_with_the_same_agent_starts_a_new_one(chat_page, fake_upstream):
+    from conversations.models import Conversation
+
+    page = chat_page
+    _send(page, "About cats")
+    _last_assistant(page).locator(".meta").wait_for(state="visible")
+    page.click("#new-conversation")  # same agent, well within the server's 5-minute dedupe
+    _send(page, "About dogs")
+    page.wait_for_function("() => window.__frames.filter((f) => f.type === 'done').length === 2")
+    first, second = Conversation.objects.order_by("id")
+    assert (first.message_count, second.message_count) == (2, 2)
+    assert first.agent_id == second.agent_id
+    sent = [m["content"] for m in fake_upstream.requests[-1]["body"]["messages"] if m["role"] != "system"]
+    assert sent == ["About dogs"], "the model sees only the new conversation"
+    assert page.url.endswith(f"c={second.pk}")
 
 
 XSS_INPUTS = [

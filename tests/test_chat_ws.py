@@ -349,3 +349,75 @@ async def test_a_key_limited_to_other_models_cannot_chat_with_this_agent(alice, 
     assert frame["type"] == "error" and frame["code"] == "unknown_agent"
     assert await Conversation.objects.acount() == 0 and fake_upstream.requests == []
     await communicator.disconnect()
+
+
+async def test_new_true_starts_a_new_conversation_instead_of_the_deduplicated_one(alice_key, chat_agent, fake_upstream):
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message("first", client_id="a"))
+    first = (await _until(communicator, "done"))[0]["conversation"]
+    await communicator.send_json_to(_message("same again", client_id="b"))  # no `new`: the 5-minute dedupe
+    assert (await _until(communicator, "done"))[0]["conversation"] == first
+    await communicator.send_json_to(_message("fresh start", client_id="c", new=True))
+    frames = await _until(communicator, "done")
+    fresh = frames[0]["conversation"]
+    assert fresh != first and frames[-1]["status"] == "success"
+    assert fake_upstream.requests[-1]["body"]["messages"][1:] == [{"role": "user", "content": "fresh start"}]
+    await communicator.send_json_to(_message("and on", client_id="d"))  # later dedupes find the new one
+    assert (await _until(communicator, "done"))[0]["conversation"] == fresh
+    assert await Conversation.objects.acount() == 2
+    await communicator.disconnect()
+
+
+async def test_a_new_true_frame_sent_again_replays_in_its_conversation(alice_key, chat_agent, fake_upstream):
+    # The page's socket re-sends queued frames after a reconnect: the client_id still means one exchange.
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message("first", client_id="a"))
+    await _until(communicator, "done")
+    await communicator.send_json_to(_message("fresh", client_id="fresh-1", new=True))
+    done = (await _until(communicator, "done"))[-1]
+    await communicator.send_json_to(_message("fresh", client_id="fresh-1", new=True))
+    assert await communicator.receive_json_from(timeout=TIMEOUT) == done
+    assert await Conversation.objects.acount() == 2 and len(fake_upstream.requests) == 2
+    await communicator.send_json_to(_message("fresh", client_id="x", new="yes"))
+    frame = await communicator.receive_json_from(timeout=TIMEOUT)
+    assert frame["code"] == "bad_request" and "new" in frame["message_text"]
+    await communicator.disconnect()
+
+
+async def test_a_keys_rate_limit_is_an_error_frame_with_retry_after(alice, chat_agent, fake_upstream):
+    from tests.fixtures_openai import start_of_a_fresh_minute
+
+    def limited_key():
+        key, raw = make_api_key(alice, name="limited")
+        key.rpm = 1
+        key.save()
+        return raw
+
+    raw = await sync_to_async(limited_key)()
+    await sync_to_async(start_of_a_fresh_minute)()
+    communicator = await _connect(raw)
+    await communicator.send_json_to(_message("first", client_id="a"))
+    conversation = (await _until(communicator, "done"))[0]["conversation"]
+    await communicator.send_json_to(_message("second", conversation=conversation, client_id="b"))
+    frame = await communicator.receive_json_from(timeout=TIMEOUT)
+    assert {k: frame[k] for k in ("type", "code", "retryable")} == {"type": "error", "code": "rate_limited",
+                                                                   "retryable": True}
+    assert set(frame) == {"type", "code", "message_text", "retryable", "retry_after"}  # no reply: nothing stored
+    assert 1 <= frame["retry_after"] <= 60 and frame["message_text"]
+    assert await Message.objects.acount() == 2 and len(fake_upstream.requests) == 1
+    await communicator.disconnect()
+
+
+async def test_max_tokens_is_capped_by_the_model_on_the_socket(alice_key, fake_upstream):
+    from tests.factories import make_agent, make_fake_model
+
+    def setup():
+        make_agent("helper", model=make_fake_model(fake_upstream, "short-out", max_output_tokens=120),
+                   max_tokens=9000)
+
+    await sync_to_async(setup)()
+    communicator = await _connect(alice_key)
+    await communicator.send_json_to(_message())
+    assert (await _until(communicator, "done"))[-1]["status"] == "success"
+    assert fake_upstream.requests[-1]["body"]["max_tokens"] == 120
+    await communicator.disconnect()

@@ -130,3 +130,45 @@ def test_a_key_limited_to_other_models_cannot_chat_with_this_agent(alice, alice_
     key_client.credentials(HTTP_AUTHORIZATION=f"Bearer {allowed_raw}")
     assert key_client.post(f"/api/conversations/{cid}/messages/", {"content": "hello"}, format="json"
                            ).status_code == 201
+
+
+def test_new_true_always_starts_a_new_conversation_and_later_dedupes_find_it(alice_client, chat_agent):
+    first = _create(alice_client, chat_agent, project="p1").json()["id"]
+    fresh = _create(alice_client, chat_agent, project="p1", new=True)
+    assert fresh.status_code == 201 and fresh.json()["id"] != first
+    assert _create(alice_client, chat_agent, project="p1", new=True).json()["id"] not in (first, fresh.json()["id"])
+    latest = Conversation.objects.order_by("-created_at", "-id").first().pk
+    again = _create(alice_client, chat_agent, project="p1")  # the contract for clients without `new`: unchanged
+    assert again.status_code == 200 and again.json()["id"] == latest
+    assert _create(alice_client, chat_agent, project="p1", new=False).json()["id"] == latest
+    assert Conversation.objects.count() == 3
+
+
+def test_new_must_be_a_boolean(alice_client, chat_agent):
+    response = _create(alice_client, chat_agent, new="sometimes")
+    assert response.status_code == 400 and "new" in response.json()["error"]["fields"]
+
+
+def test_a_limited_key_falls_back_only_to_a_model_it_may_use(alice, chat_model, fake_upstream, settings):
+    from rest_framework.test import APIClient
+
+    from tests.factories import make_agent, make_api_key, make_fake_model
+
+    settings.LLM_RETRY_BASE_DELAY = 0.001
+    backup = make_fake_model(fake_upstream, "backup-model")
+    agent = make_agent("with-backup", model=chat_model, fallback_model=backup)
+    fake_upstream.configure("chat-model", status=500)
+    limited, limited_raw = make_api_key(alice, name="limited")
+    limited.allowed_models.add(chat_model)
+    both, both_raw = make_api_key(alice, name="both")
+    both.allowed_models.add(chat_model, backup)
+
+    replies = {}
+    for name, raw in (("limited", limited_raw), ("both", both_raw)):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+        cid = client.post("/api/conversations/", {"agent": agent.slug, "project": name}, format="json").json()["id"]
+        replies[name] = client.post(f"/api/conversations/{cid}/messages/", {"content": "hi"}, format="json")
+    assert replies["limited"].status_code == 502  # no fallback to a model the key may not use
+    assert replies["both"].status_code == 201 and replies["both"].json()["fallback"] is True
+    assert [r["model"] for r in fake_upstream.requests].count("backup-model") == 1

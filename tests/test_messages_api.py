@@ -244,3 +244,22 @@ def test_the_moderation_hook_is_pluggable(alice_client, chat_agent, fake_upstrea
     assert response.status_code == 422 and error["code"] == "content_violation" and error["message"] == "No shouting."
     assert fake_upstream.requests == []
     assert _send(alice_client, cid, "hello there").status_code == 201
+
+
+def test_max_tokens_is_capped_by_the_models_max_output_and_the_room_the_prompt_leaves(alice_client, fake_upstream):
+    from agents.llm import tokens
+
+    capped = make_agent("capped", model=make_fake_model(fake_upstream, "short-out", max_output_tokens=150),
+                        max_tokens=5000)  # stored before the agent's max_tokens was validated
+    assert _send(alice_client, _conversation(alice_client, capped)).status_code == 201
+    assert fake_upstream.requests[-1]["body"]["max_tokens"] == 150
+
+    # A model that may write its whole window: the reply gets the room the prompt leaves, not more.
+    roomy = make_agent("roomy", model=make_fake_model(fake_upstream, "roomy", context_window=400,
+                                                      max_output_tokens=400), max_tokens=400)
+    cid = _conversation(alice_client, roomy)
+    for n in range(3):
+        assert _send(alice_client, cid, f"message number {n} " + "word " * 20).status_code == 201
+        body = fake_upstream.requests[-1]["body"]
+        assert body["max_tokens"] + tokens.count_messages(body["messages"], "roomy") <= 400
+    assert body["max_tokens"] < 400

@@ -27,7 +27,9 @@ def render_system_prompt(agent: Agent, *, user: Any = None, project: str = "") -
 
 def build_agent_request(agent: Agent, messages: list[dict[str, Any]], *, user: Any = None, project: str = "",
                         **options: Any) -> ChatRequest:
-    """`agent.model` and `agent.fallback_model` must be loaded (select_related) by the caller in async code."""
+    """`agent.model` and `agent.fallback_model` must be loaded (select_related) by the caller in async code.
+
+    max_tokens (the agent's, or an option over it) is capped by the model's max_output_tokens, as on /v1."""
     system = render_system_prompt(agent, user=user, project=project)
     full = ([{"role": "system", "content": system}] if system else []) + [
         m for m in messages if m.get("role") != "system"
@@ -43,4 +45,7 @@ def build_agent_request(agent: Agent, messages: list[dict[str, Any]], *, user: A
     for name, value in options.items():
         if value is not None:
             setattr(request, name, value)
+    cap = agent.model.max_output_tokens
+    if cap and request.max_tokens:
+        request.max_tokens = min(request.max_tokens, cap)
     return request

@@ -49,6 +49,7 @@ const FINAL_FAILURES = new Set(["error", "insufficient_balance", "content_violat
 
 const state = {
   conversation: null,           // id of the open conversation (null: a new one)
+  startNew: true,               // the next message starts a new conversation ("new": true, no server dedupe)
   bubbles: new Map(),           // message id -> bubble
   pending: [],                  // assistant bubbles waiting for their message id (first status frame)
   streaming: new Set(),         // message ids being generated
@@ -226,7 +227,8 @@ function onError(frame) {
   updateStopButton();
   setStatus(bubble, code);
   // Failed replies always offer a retry: a low balance can be topped up, a refused text reworded.
-  showFailure(bubble, code, frame.message_text);
+  const wait = frame.retry_after ? ` Try again in ${frame.retry_after} s.` : "";
+  showFailure(bubble, code, (frame.message_text || "") + wait);
 }
 
 function notice(text) {
@@ -270,7 +272,13 @@ function sendMessage(content) {
   const placeholder = createBubble("assistant");
   setStatus(placeholder, "pending");
   state.pending.push(placeholder);
-  socket.send({ type: "message", conversation: state.conversation, agent, content, client_id: uuid() });
+  const frame = { type: "message", conversation: state.conversation, agent, content, client_id: uuid() };
+  // An empty screen is a new conversation: ask for one explicitly, or the server's 5-minute dedupe would
+  // continue the last one with this agent. Only the first message does: those sent before its conversation
+  // id arrives join the one it started (through that dedupe).
+  if (state.conversation === null && state.startNew) frame.new = true;
+  state.startNew = false;
+  socket.send(frame);
 }
 
 function stop() {
@@ -440,6 +448,7 @@ function highlightConversation() {
 
 function newConversation() {
   state.conversation = null;
+  state.startNew = true;
   state.bubbles.clear();
   state.pending = [];
   state.streaming.clear();
