@@ -127,6 +127,8 @@ else:
         }
     }
 IS_POSTGRES = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+# Where `seed_demo` keeps the generated admin password and demo key between runs.
+STATE_DIR = Path(env_str("STATE_DIR", str(BASE_DIR / "var")))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, locks, channel layer ----------------------------------------

@@ -14,7 +14,7 @@ from agents.models import Agent, Deployment, LLMModel, Provider
 from usage.models import ApiKey, ModelPrice
 from usage.services import create_api_key
 
-STATE_DIR = Path(settings.BASE_DIR) / "var"
+STATE_DIR = Path(settings.STATE_DIR)
 
 
 class Command(BaseCommand):
