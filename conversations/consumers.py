@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -27,6 +28,8 @@ CLOSE_UNAUTHENTICATED = 4401
 MAX_FRAME_CHARS = settings.MAX_MESSAGE_CHARS * 6 + 4096
 # How long a disconnect waits for cancelled generations to store their final state.
 DISCONNECT_GRACE_SECONDS = 10.0
+# Joining a group right after Redis restarted fails once while its client reconnects.
+JOIN_ATTEMPTS = 3
 
 
 def group_name(conversation_id: int) -> str:
@@ -50,6 +53,13 @@ class BadFrame(ApiError):
     message = "Malformed frame."
 
 
+class ChannelLayerUnavailable(ApiError):
+    status_code = 503
+    code = "service_unavailable"
+    message = "Live updates are unavailable right now; try again shortly."
+    retryable = True
+
+
 class GroupSender:
     """Sends a generation's frames to its group, in order, from one task.
 
@@ -57,9 +67,10 @@ class GroupSender:
     batches text instead of holding the stream back; with a fast one every delta goes out as it came.
     """
 
-    def __init__(self, channel_layer, group: str):
+    def __init__(self, channel_layer, group: str, deliver: Callable[[dict[str, Any]], Awaitable[None]] | None = None):
         self.channel_layer = channel_layer
         self.group = group
+        self.deliver = deliver  # set when the socket could not join the group: frames go to it alone
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.task = asyncio.create_task(self._run())
 
@@ -91,7 +102,10 @@ class GroupSender:
 
     async def _send(self, frame: dict[str, Any]) -> None:
         try:
-            await self.channel_layer.group_send(self.group, {"type": "chat.frame", "frame": frame})
+            if self.deliver is not None:
+                await self.deliver(frame)
+            else:
+                await self.channel_layer.group_send(self.group, {"type": "chat.frame", "frame": frame})
         except Exception:  # noqa: BLE001 - a lost frame must not kill the generation; the message is stored
             logger.exception("group_send to %s failed", self.group)
 
@@ -114,7 +128,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if tasks:
             await asyncio.wait(tasks, timeout=DISCONNECT_GRACE_SECONDS)
         for group in list(getattr(self, "joined", ())):
-            await self.channel_layer.group_discard(group, self.channel_name)
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:  # noqa: BLE001 - the layer is down: its subscriptions went with it
+                logger.warning("group_discard of %s failed", group)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.user is None or not self.user.is_authenticated:
@@ -179,8 +196,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id,
                                                              new)
         group = group_name(exchange.conversation.pk)
-        await self._join(group)
-        task = asyncio.create_task(self._generate(exchange, group))
+        # The exchange is begun (message stored, lock held): it runs even if the channel layer is unreachable,
+        # streaming to this socket alone, so nothing is left half-done.
+        joined = await self._join(group)
+        task = asyncio.create_task(self._generate(exchange, group, direct=not joined))
         if not exchange.finished:
             self.generations[exchange.conversation.pk] = task
 
@@ -194,8 +213,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return services.begin_exchange(user=self.user, conversation=conversation, content=content,
                                        client_id=client_id, api_key=self.api_key)
 
-    async def _generate(self, exchange: services.Exchange, group: str) -> None:
-        sender = GroupSender(self.channel_layer, group)
+    async def _generate(self, exchange: services.Exchange, group: str, direct: bool = False) -> None:
+        sender = GroupSender(self.channel_layer, group, deliver=self._send_json if direct else None)
         try:
             await run_exchange(exchange, user=self.user, entry_point="ws", api_key=self.api_key, emit=sender.emit)
         except asyncio.CancelledError:
@@ -210,15 +229,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _on_cancel(self, frame: dict[str, Any]) -> None:
         conversation_id = self._conversation_id(frame, required=True)
         await database_sync_to_async(selectors.conversation_for)(user=self.user, conversation_id=conversation_id)
-        # The generation may run on another socket or process: every socket in the group checks its own.
-        await self.channel_layer.group_send(group_name(conversation_id),
-                                            {"type": "chat.cancel", "conversation": conversation_id})
         self._cancel_local(conversation_id)
+        # The generation may run on another socket or process: every socket in the group checks its own.
+        try:
+            await self.channel_layer.group_send(group_name(conversation_id),
+                                                {"type": "chat.cancel", "conversation": conversation_id})
+        except Exception:  # noqa: BLE001 - the layer is down: only this socket's own generation can be reached
+            logger.warning("cancel of conversation %s not relayed: channel layer unavailable", conversation_id)
 
     async def _on_subscribe(self, frame: dict[str, Any]) -> None:
         conversation_id = self._conversation_id(frame, required=True)
         await database_sync_to_async(selectors.conversation_for)(user=self.user, conversation_id=conversation_id)
-        await self._join(group_name(conversation_id))
+        if not await self._join(group_name(conversation_id)):
+            raise ChannelLayerUnavailable()
         await self._send_json({"type": "subscribed", "conversation": conversation_id})
 
     # --- events from the channel layer ------------------------------------------------------------
@@ -236,10 +259,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if task is not None and not task.done():
             _cancel_soon(task)
 
-    async def _join(self, group: str) -> None:
-        if group not in self.joined:
-            await self.channel_layer.group_add(group, self.channel_name)
+    async def _join(self, group: str) -> bool:
+        """Subscribes this socket to the group; False when the channel layer stays unreachable."""
+        if group in self.joined:
+            return True
+        for attempt in range(JOIN_ATTEMPTS):
+            try:
+                await self.channel_layer.group_add(group, self.channel_name)
+            except Exception:  # noqa: BLE001 - Redis restarting: its client reconnects on the next command
+                logger.warning("group_add of %s failed (attempt %d)", group, attempt + 1)
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
             self.joined.add(group)
+            return True
+        return False
 
     async def _send_json(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))

@@ -176,6 +176,9 @@ def test_a_server_keeps_its_guarantees_through_a_redis_outage_and_recovers(own_r
     assert _post_together(daphne.base_url, [paths[1]] * 6, raw_key) == [201, 409, 409, 409, 409, 409]
     # Four conversations at once: the per-user limit of 3 holds.
     assert _post_together(daphne.base_url, paths, raw_key) == [201, 201, 201, 429]
+    # A websocket chat without the channel layer: the reply streams to its own socket.
+    frames = asyncio.run(_ws_chat(daphne.ws_url, daphne.base_url, raw_key, conversations[3].pk))
+    assert frames[-1]["type"] == "done" and "delta" in [f["type"] for f in frames], frames
     own_redis.start()
 
     # Back by itself: websockets (the channel layer) work again, and the limit holds on Redis.
@@ -188,7 +191,7 @@ def test_a_server_keeps_its_guarantees_through_a_redis_outage_and_recovers(own_r
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    assert frames[-1]["type"] == "done" and frames[-1]["status"] == "success"
+    assert frames[-1]["type"] == "done" and frames[-1]["status"] == "success", frames
     assert _post_together(daphne.base_url, paths, raw_key) == [201, 201, 201, 429]
     for conversation in conversations:
         sequences = _sequences(conversation)
