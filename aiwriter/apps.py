@@ -8,6 +8,6 @@ class AiwriterConfig(AppConfig):
     verbose_name = "aiwriter"
 
     def ready(self) -> None:
-        from aiwriter import observability
+        from aiwriter import checks, observability  # noqa: F401 - checks registers itself
 
         observability.connect()

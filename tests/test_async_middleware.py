@@ -25,3 +25,12 @@ async def test_other_paths_reach_the_views(async_client):
     response = await async_client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+def test_deploy_check_still_wants_the_security_middleware(settings):
+    from aiwriter.checks import security_middleware
+
+    assert security_middleware() == []
+    settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "Csrf" not in m and "XFrame" not in m]
+    assert [w.msg.split()[0] for w in security_middleware()] == [
+        "django.middleware.clickjacking.XFrameOptionsMiddleware", "django.middleware.csrf.CsrfViewMiddleware"]
