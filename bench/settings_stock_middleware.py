@@ -1,5 +1,7 @@
 """The deployed settings with Django's stock middleware instead of aiwriter.asyncmw (a thread hop per
-middleware step): the "before" of BENCHMARKS.md. `python -m bench.run --only none --compare bench.settings_stock_middleware`.
+middleware step): the "before" of BENCHMARKS.md.
+
+    python -m bench.run --only none --compare bench.settings_stock_middleware
 """
 
 from aiwriter.settings import *  # noqa: F403

@@ -53,13 +53,6 @@ class MessageTooLong(ApiError):
     code = "message_too_long"
 
 
-class RateLimited(ApiError):
-    status_code = 429
-    code = "rate_limited"
-    message = "This API key's rate limit is reached."
-    retryable = True
-
-
 @dataclass
 class Exchange:
     conversation: Conversation
@@ -183,15 +176,12 @@ def _check_key_rate(api_key: Any, content: str) -> None:
     """The API key's requests and tokens per minute, as on /v1 and the writer endpoints (shared counters).
 
     The new message's tokens stand for the prompt; the reply's real usage is added when it ends
-    (`generation.run_exchange`). A session has no key and no such limit. Raises RateLimited (429).
+    (`generation.run_exchange`). A session has no key and no such limit. Raises KeyRateLimited (429).
     """
     if not (getattr(api_key, "rpm", None) or getattr(api_key, "tpm", None)):
         return
     prompt_tokens = tokens.count_messages([{"role": "user", "content": content}]) if api_key.tpm else 0
-    try:
-        async_to_sync(keylimits.acquire)(api_key, prompt_tokens=prompt_tokens)
-    except keylimits.KeyRateLimited as exc:
-        raise RateLimited(exc.message, headers=exc.headers, retryable=exc.retryable, extra=exc.extra) from None
+    async_to_sync(keylimits.acquire)(api_key, prompt_tokens=prompt_tokens)
 
 
 def _replay(conversation: Conversation, client_id: str | None) -> Exchange | None:
@@ -209,7 +199,7 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
                    api_key: Any = None) -> Exchange:
     """Stores the user message and a `processing` reply under the conversation's lock.
 
-    Raises ConversationBusy (409) / TooManyConcurrent (429), or RateLimited (429) for an API key over its
+    Raises ConversationBusy (409) / TooManyConcurrent (429), or KeyRateLimited (429) for an API key over its
     rate limits, before anything is stored. A repeated client_id returns the first exchange (replay)
     instead, not counted against those limits. Moderation runs here: a rejected message ends as
     `content_violation` without a lock held and without any model call.
@@ -250,7 +240,7 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
 def begin_retry(*, user, conversation: Conversation, message: Message, api_key: Any = None) -> Exchange:
     """A new reply to the user message whose reply `message` failed; the failed one is kept as it was.
 
-    An API key's rate limits apply as to a new message (RateLimited before anything is stored)."""
+    An API key's rate limits apply as to a new message (KeyRateLimited before anything is stored)."""
     check_key_access(api_key, conversation.agent)
     if message.role != Message.Role.ASSISTANT or message.status not in selectors.FAILED_STATUSES \
             or message.reply_to_id is None:

@@ -164,5 +164,5 @@ async def test_keys_rate_limit_applies_with_retry_after(fake_gpt, fake_upstream,
     response = await client.post("/api/ai/topics/", {"subject": "tea", "model": "fake-gpt"},
                                  content_type="application/json", headers={"Authorization": account.auth})
     assert response.status_code == 429 and 1 <= int(response["Retry-After"]) <= 60
-    assert response.json()["error"] == {"code": "rate_limit_exceeded", "message": response.json()["error"]["message"],
+    assert response.json()["error"] == {"code": "rate_limited", "message": response.json()["error"]["message"],
                                         "retryable": True, "limit": "requests"}

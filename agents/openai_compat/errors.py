@@ -81,8 +81,10 @@ _API_ERROR_TYPES = {
 
 def from_api_error(exc: ApiError) -> OpenAIError:
     status = exc.status_code
-    if exc.code == "rate_limit_exceeded":
+    code = exc.code
+    if exc.code == "rate_limited":
         error_type = exc.extra.get("limit", "requests")  # OpenAI says which limit: "requests" or "tokens"
+        code = "rate_limit_exceeded"  # OpenAI's code for a key's own limits
     else:
         error_type = _API_ERROR_TYPES.get(exc.code) or (INVALID_REQUEST if status < 500 else "server_error")
     retry_after = None
@@ -94,7 +96,7 @@ def from_api_error(exc: ApiError) -> OpenAIError:
             retry_after = None
     # Balance, quota and budget don't come back by retrying within seconds, nor does an oversized prompt.
     should_retry = False if error_type == "insufficient_quota" or (status == 429 and not exc.retryable) else None
-    return OpenAIError(exc.message, status=status, type=error_type, code=exc.code, retry_after=retry_after,
+    return OpenAIError(exc.message, status=status, type=error_type, code=code, retry_after=retry_after,
                        should_retry=should_retry)
 
 

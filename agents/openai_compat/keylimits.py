@@ -28,7 +28,7 @@ WINDOW_SECONDS = 60
 
 class KeyRateLimited(ApiError):
     status_code = 429
-    code = "rate_limit_exceeded"
+    code = "rate_limited"  # on /v1, OpenAI's "rate_limit_exceeded" (errors.from_api_error)
     message = "This API key's rate limit is reached."
     retryable = True
 
