@@ -8,12 +8,14 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from aiwriter.observability import track_websockets  # noqa: E402
 from aiwriter.routing import websocket_urlpatterns  # noqa: E402
 from aiwriter.ws_auth import WebsocketAuthMiddleware  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
+        "websocket": track_websockets(
+            AllowedHostsOriginValidator(WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns)))),
     }
 )

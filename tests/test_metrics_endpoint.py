@@ -167,3 +167,21 @@ def test_breaker_states_are_read_at_scrape_time(client, metrics_token):
     assert line.endswith(" 1.0")
     assert any(line.startswith("aiwriter_deployment_healthy{") and 'model="m-health"' in line
                for line in body.splitlines())
+
+
+async def test_the_deployed_websocket_app_counts_open_sockets(transactional_db):
+    from asgiref.sync import sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from aiwriter.asgi import application
+    from aiwriter.observability import OPEN_WEBSOCKETS
+    from tests.factories import make_api_key, make_user
+
+    _, raw = await sync_to_async(make_api_key)(await sync_to_async(make_user)())
+    before = OPEN_WEBSOCKETS._value.get()
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=[
+        (b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1"), (b"authorization", f"Bearer {raw}".encode())])
+    connected, _ = await communicator.connect()
+    assert connected and OPEN_WEBSOCKETS._value.get() == before + 1
+    await communicator.disconnect()
+    assert OPEN_WEBSOCKETS._value.get() == before

@@ -69,3 +69,16 @@ async def test_async_view_counts_db_queries_made_in_threads():
     header = response["Server-Timing"]
     assert 'desc="1 queries"' in header
     assert "auth;dur=" in header
+
+
+async def test_a_v1_call_names_auth_quota_upstream_and_metering(openai_account, fake_gpt, fake_upstream):
+    from django.test import AsyncClient
+
+    fake_upstream.configure("fake-gpt", latency=0.05)
+    response = await AsyncClient().post(
+        "/v1/chat/completions", {"model": "fake-gpt", "messages": [{"role": "user", "content": "hi"}]},
+        content_type="application/json", headers={"Authorization": openai_account.auth})
+    assert response.status_code == 200
+    phases = _phases(response["Server-Timing"])
+    assert {"app", "db", "auth", "quota", "upstream", "metering"} <= set(phases), response["Server-Timing"]
+    assert phases["upstream"] >= 50 and phases["app"] >= phases["upstream"]

@@ -38,6 +38,7 @@ from django.db import DatabaseError
 
 from agents.llm import service, tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
+from aiwriter.observability import add_timing, timing
 from usage import services
 from usage.models import UsageRecord
 from usage.services import CallOutcome, CallPlan
@@ -146,7 +147,8 @@ async def _drain(inner: AsyncIterator, delivered: list[str]) -> ChatResult | Non
 
 async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
     # Shielded: a second cancellation of the caller must not lose the record of a call the upstream served.
-    record, pending = await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
+    with timing("metering"):
+        record, pending = await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
     ctx.usage_record = record
     return record, pending
 
@@ -154,7 +156,8 @@ async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tup
 async def metered_stream(ctx: CallContext, request: ChatRequest, *,
                          whole: bool = False) -> AsyncIterator[TextDelta | MeteredResult]:
     """whole=True (metered_complete): no TextDelta, whole-reply semantics of service.complete (timeout in total)."""
-    plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)
+    with timing("quota"):  # quota check and the credit hold
+        plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)
     started = time.monotonic()
     ttft_ms: int | None = None
     delivered: list[str] = []
@@ -200,6 +203,7 @@ async def metered_stream(ctx: CallContext, request: ChatRequest, *,
                                      error_code=err.code, started=started, ttft_ms=ttft_ms)
         err.usage_record, _ = await _record(ctx, plan, outcome)
         raise err
+    add_timing("upstream", final.latency_ms)
     record, pending = await _record(ctx, plan, _success_outcome(final))
     yield MeteredResult(result=final, record=record, cost=record.cost, pending_reconcile=pending)
 
