@@ -2,12 +2,15 @@
 
 `operator` / `operator_client`: a superuser and a Django test client logged in as them.
 `web_server`: a live daphne (one per test module) against the test database, for the browser tests.
+`debug_log`: every log record at DEBUG, SQL included, as production formats it (a StringIO), to search for secrets.
 `browser_page`: a Playwright page in Debian's chromium (skipped with a reason when either is missing);
 a failing test leaves a screenshot in test-artifacts/. Use it with `web_server`.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import socket
@@ -21,6 +24,9 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.db import connection
+
+from aiwriter.logging import JsonFormatter, RequestIdFilter
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -280,3 +286,27 @@ def form_data(html: str | bytes, form_id: str) -> dict[str, str | list[str]]:
     parser = _FormParser(form_id)
     parser.feed(html.decode() if isinstance(html, bytes) else html)
     return {k: v[0] if len(v) == 1 else v for k, v in parser.data.items()}
+
+
+@pytest.fixture
+def debug_log():
+    """Every record at DEBUG from every logger, formatted as production formats them, plus SQL statements."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.DEBUG)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    quiet = {name: logging.getLogger(name).level for name in ("django.server", "daphne", "django.db.backends")}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    connection.force_debug_cursor = True
+    yield stream
+    connection.force_debug_cursor = False
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)

@@ -7,19 +7,16 @@ every logger is captured at DEBUG with the project's JSON formatter, SQL include
 """
 
 import io
-import logging
 
 import pytest
 from asgiref.sync import async_to_sync
 from django.contrib import admin
 from django.core.management import call_command
-from django.db import connection
 from django.urls import reverse
 
 from agents.llm import service
 from agents.llm.types import ChatRequest, LLMError
 from agents.models import Deployment, LLMModel, Provider
-from aiwriter.logging import JsonFormatter, RequestIdFilter
 from tests.factories import make_user
 from tests.fixtures_web import form_data
 
@@ -27,30 +24,6 @@ pytestmark = pytest.mark.django_db
 
 SECRET = "sk-live-Zq8TOPSECRETvalue-4242abcd"
 MIDDLE = "TOPSECRET"  # any fragment of the key
-
-
-@pytest.fixture
-def debug_log():
-    """Every record at DEBUG from every logger, formatted as production formats them, plus SQL statements."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setLevel(logging.DEBUG)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    quiet = {name: logging.getLogger(name).level for name in ("django.server", "daphne", "django.db.backends")}
-    for name in quiet:
-        logging.getLogger(name).setLevel(logging.DEBUG)
-    connection.force_debug_cursor = True
-    yield stream
-    connection.force_debug_cursor = False
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-    for name, level in quiet.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def _clean(text: str | bytes) -> None:

@@ -10,19 +10,15 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 from html.parser import HTMLParser
 
 import pytest
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import connection
 from django.test import AsyncClient, Client, override_settings
 
-from aiwriter.logging import JsonFormatter, RequestIdFilter
 from tests.factories import make_agent, make_api_key, make_fake_model, make_user
 from tests.fixtures_openai import make_account
 from tests.fixtures_web import browser_login
@@ -176,30 +172,6 @@ def test_our_pages_need_nothing_the_policy_blocks(client):
 
 
 # --- The user's API key stays secret ------------------------------------------------------------------------------
-
-@pytest.fixture
-def debug_log():
-    """Every record at DEBUG from every logger, formatted as production formats them, plus SQL statements."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setLevel(logging.DEBUG)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    quiet = {name: logging.getLogger(name).level for name in ("django.server", "daphne", "django.db.backends")}
-    for name in quiet:
-        logging.getLogger(name).setLevel(logging.DEBUG)
-    connection.force_debug_cursor = True
-    yield stream
-    connection.force_debug_cursor = False
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-    for name, level in quiet.items():
-        logging.getLogger(name).setLevel(level)
-
 
 @pytest.mark.django_db(transaction=True)
 def test_bearer_key_never_leaks(fake_upstream, debug_log):
