@@ -1,12 +1,14 @@
 """Where the server's time goes: py-spy samples daphne while a closed loop of /v1 calls runs.
 
     python -m bench.run --only none --profile          (collapsed stacks in var/bench/profile.txt)
+    BENCH_PROFILE_WS=1 python -m bench.run --only none --profile     (websocket chat turns instead)
 
 Prints the functions with the most samples (own and cumulative), so a fix can target what dominates.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -25,12 +27,21 @@ def profile(ctx: Context, seconds: float = 8.0, stream: bool = False, concurrenc
     out = ctx.log_dir / "profile.txt"
     cmd = [spy, "record", "-p", str(ctx.server_pid()), "-d", str(int(seconds)), "-r", "200", "-f", "raw",
            "-o", str(out), "--nonblocking", "--gil"]
-    # Warm up first: the first calls import the openai SDK and build clients, which is not the steady state.
-    ctx.load({"op": "closed", "target": ctx.gateway(stream=stream), "concurrency": 8, "count": 300})
+    if os.environ.get("BENCH_PROFILE_WS") == "1":  # sequential websocket chat turns instead of /v1 calls
+        from bench.setup import WS_AGENT
+
+        spec = {"op": "ws_seq", "url": ctx.ws_url(), "origin": ctx.origin(), "agent": WS_AGENT, "n": 100000,
+                "timeout": 30, "headers": {"Authorization": f"Bearer {ctx.users['main'].key}"}}
+        ctx.load({**spec, "max_seconds": 5})
+        load = {**spec, "max_seconds": seconds + 1}
+    else:
+        # Warm up first: the first calls import the openai SDK and build clients, which is not the steady state.
+        ctx.load({"op": "closed", "target": ctx.gateway(stream=stream), "concurrency": 8, "count": 300})
+        load = {"op": "closed", "target": ctx.gateway(stream=stream), "concurrency": concurrency,
+                "duration": seconds + 1}
     runner = threading.Thread(target=lambda: subprocess.run(cmd, capture_output=True, timeout=seconds + 30))
     runner.start()
-    ctx.load({"op": "closed", "target": ctx.gateway(stream=stream), "concurrency": concurrency,
-              "duration": seconds + 1})
+    ctx.load(load)
     runner.join(seconds + 40)
     if not out.exists():
         return "py-spy produced no profile (ptrace not permitted?)"
