@@ -157,7 +157,8 @@ if REDIS_URL:
         "default": {
             # The pub/sub layer delivers a group message in one PUBLISH; the core
             # layer's per-member lists cost tens of ms per group_send (channels_redis #83).
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # (aiwriter.channel_layer: the same, but a websocket still opens while Redis is down.)
+            "BACKEND": "aiwriter.channel_layer.ResilientPubSubChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:ch"},
         }
     }

@@ -61,23 +61,34 @@ class ChannelLayerUnavailable(ApiError):
 
 
 class GroupSender:
-    """Sends a generation's frames to its group, in order, from one task.
+    """Sends a generation's frames to the socket that asked, directly, and to its group, in order, from one task.
 
-    Deltas that pile up while a send is in flight are merged into one frame, so a slow channel layer
-    batches text instead of holding the stream back; with a fast one every delta goes out as it came.
+    The asking socket never waits on the channel layer, nor loses a frame to it: the group (other tabs,
+    other processes) is best effort. Deltas that pile up while a group send is in flight are merged into one
+    frame, so a slow channel layer batches text instead of holding the stream back.
     """
 
-    def __init__(self, channel_layer, group: str, deliver: Callable[[dict[str, Any]], Awaitable[None]] | None = None):
+    def __init__(self, channel_layer, group: str, *, origin: str,
+                 deliver: Callable[[dict[str, Any]], Awaitable[None]], to_group: bool = True):
         self.channel_layer = channel_layer
         self.group = group
-        self.deliver = deliver  # set when the socket could not join the group: frames go to it alone
+        self.origin = origin  # the asking socket's channel: it skips its own frames coming back from the group
+        self.deliver = deliver
+        self.to_group = to_group  # False when the socket could not join the group (channel layer down)
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.task = asyncio.create_task(self._run())
+        self.task = asyncio.create_task(self._run()) if to_group else None
 
     async def emit(self, frame: dict[str, Any]) -> None:
-        self.queue.put_nowait(frame)
+        try:
+            await self.deliver(frame)
+        except Exception:  # noqa: BLE001 - the socket went away: the generation goes on and is stored
+            logger.warning("frame not delivered to its socket")
+        if self.to_group:
+            self.queue.put_nowait(frame)
 
-    async def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = 30.0) -> None:
+        if self.task is None:
+            return
         self.queue.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
@@ -102,15 +113,36 @@ class GroupSender:
 
     async def _send(self, frame: dict[str, Any]) -> None:
         try:
-            if self.deliver is not None:
-                await self.deliver(frame)
-            else:
-                await self.channel_layer.group_send(self.group, {"type": "chat.frame", "frame": frame})
+            await self.channel_layer.group_send(self.group, {"type": "chat.frame", "frame": frame,
+                                                             "origin": self.origin})
         except Exception:  # noqa: BLE001 - a lost frame must not kill the generation; the message is stored
             logger.exception("group_send to %s failed", self.group)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    # Channels assigns channel_receive (the channel layer's receive for this socket) before dispatching.
+    # Wrapped so that a channel layer that is down (Redis stopped) is retried instead of ending the socket:
+    # the socket's own chat never needs the layer (GroupSender delivers to it directly).
+    @property
+    def channel_receive(self) -> Callable[[], Awaitable[dict[str, Any]]]:
+        return self._channel_receive
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        async def resilient_receive() -> dict[str, Any]:
+            delay = 0.1
+            while True:
+                try:
+                    return await receive()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - Redis down or restarting: wait, then subscribe again
+                    logger.warning("channel layer receive failed; retrying in %.1fs", delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        self._channel_receive = resilient_receive
+
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         self.api_key = self.scope.get("api_key")
@@ -214,7 +246,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                                        client_id=client_id, api_key=self.api_key)
 
     async def _generate(self, exchange: services.Exchange, group: str, direct: bool = False) -> None:
-        sender = GroupSender(self.channel_layer, group, deliver=self._send_json if direct else None)
+        sender = GroupSender(self.channel_layer, group, origin=self.channel_name, deliver=self._send_json,
+                             to_group=not direct)
         try:
             await run_exchange(exchange, user=self.user, entry_point="ws", api_key=self.api_key, emit=sender.emit)
         except asyncio.CancelledError:
@@ -247,7 +280,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- events from the channel layer ------------------------------------------------------------
 
     async def chat_frame(self, event: dict[str, Any]) -> None:
-        await self._send_json(event["frame"])
+        if event.get("origin") != self.channel_name:  # the asking socket had it directly
+            await self._send_json(event["frame"])
 
     async def chat_cancel(self, event: dict[str, Any]) -> None:
         self._cancel_local(event["conversation"])
