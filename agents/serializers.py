@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 from rest_framework import serializers
 
@@ -43,7 +43,13 @@ class DeploymentSerializer(serializers.Serializer):
     weight = serializers.IntegerField(min_value=0, default=1)
 
 
-_PRICE = {"max_digits": 24, "decimal_places": 10, "min_value": Decimal("0")}
+class _Price(TypedDict):
+    max_digits: int
+    decimal_places: int
+    min_value: Decimal
+
+
+_PRICE: _Price = {"max_digits": 24, "decimal_places": 10, "min_value": Decimal("0")}
 
 
 class ModelSerializer(serializers.ModelSerializer):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from decimal import Decimal
+from typing import TypedDict
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -10,7 +11,18 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
-MONEY = {"max_digits": 24, "decimal_places": 10}
+
+class _Digits(TypedDict):
+    max_digits: int
+    decimal_places: int
+
+
+MONEY: _Digits = {"max_digits": 24, "decimal_places": 10}
+
+
+def _places(value: Decimal) -> int:
+    exponent = value.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) else 0  # "n"/"N"/"F": NaN and infinity have no places
 
 
 class ApiKey(models.Model):
@@ -92,7 +104,7 @@ class ModelPrice(models.Model):
                 errors[name] = "A price cannot be negative."
             elif value > self.MAX_PER_MILLION:
                 errors[name] = f"A price above {self.MAX_PER_MILLION} per million tokens is surely a typo."
-            elif -value.as_tuple().exponent > self.MAX_PLACES and value != value.quantize(Decimal("0.0001")):
+            elif _places(value) > self.MAX_PLACES and value != value.quantize(Decimal("0.0001")):
                 errors[name] = f"Use at most {self.MAX_PLACES} decimal places per million tokens."
         if errors:
             raise ValidationError(errors)
