@@ -17,6 +17,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
+from agents.llm import errors as llm_errors
 from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from agents.openai_compat import keylimits
@@ -78,19 +79,25 @@ _STATUS_CODES = {
     Message.Status.LLM_ERROR: ("llm_error", 502, True),
     Message.Status.ERROR: ("interrupted", 503, True),
 }
-_CODE_OUTCOMES = {  # code: (HTTP status, retryable), where they differ from the status's default
-    "quota_exceeded": (429, False), "key_budget_exceeded": (429, False),
-    "upstream_timeout": (504, True), "rate_limited": (429, True), "no_healthy_deployment": (503, True),
-    "bad_request": (502, False), "model_not_found": (502, False), "upstream_auth": (502, False),
-    "upstream_model_not_found": (502, False),
-}
+# Refusals before the model is called (ApiErrors), where they differ from the status's default. A model
+# failure's code is looked up in the one table of LLMError codes (agents/llm/errors.py).
+_API_CODE_OUTCOMES = {"quota_exceeded": (429, False), "key_budget_exceeded": (429, False)}
+
+
+def llm_outcome(code: str) -> tuple[int, bool]:
+    """A model failure's HTTP status and retryability in chat (REST, replays, websocket frames)."""
+    spec = llm_errors.spec(code)
+    return spec.chat_status, spec.retryable
 
 
 def _outcome(reply: Message) -> tuple[str, int, bool]:
     code, http_status, retryable = _STATUS_CODES.get(reply.status, ("interrupted", 503, True))
     if reply.error_code:
         code = reply.error_code
-        http_status, retryable = _CODE_OUTCOMES.get(code, (http_status, retryable))
+        if code in llm_errors.LLM_ERRORS:
+            http_status, retryable = llm_outcome(code)
+        else:
+            http_status, retryable = _API_CODE_OUTCOMES.get(code, (http_status, retryable))
     return code, http_status, retryable
 
 
@@ -183,14 +190,13 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             prompt_tokens, completion_tokens = _estimate(request, content)
             fields = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=True,
                           latency_ms=int((time.monotonic() - started) * 1000))
-        record = getattr(exc, "usage_record", None)
+        record = exc.usage_record
         cost = getattr(record, "cost", None) or Decimal("0")
         await finish(exchange, status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
                      error_code=exc.code, cost=cost, **fields)
-        # The upstream refusing our request (4xx) is not the client's mistake: 502 for those.
-        http_status = exc.http_status if exc.http_status in (429, 502, 503, 504) else 502
-        exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, exc.retryable, reply)
-        await emit(error_frame(exc.code, exc.message, exc.retryable, reply.pk))
+        http_status, retryable = llm_outcome(exc.code)
+        exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, retryable, reply)
+        await emit(error_frame(exc.code, exc.message, retryable, reply.pk))
     except asyncio.CancelledError:
         # Cancel frame or client disconnect: close the model stream (metering records it as partial),
         # keep the text that arrived, then let the cancellation go on.

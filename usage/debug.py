@@ -79,7 +79,7 @@ def execution_test(*, agent: Agent, staff_user: Any, messages: list[dict[str, An
     try:
         metered = async_to_sync(metered_complete)(ctx, request)
     except LLMError as exc:
-        record = getattr(exc, "usage_record", None)
+        record = exc.usage_record
         result = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
     else:
         record = metered.record

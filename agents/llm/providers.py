@@ -65,24 +65,20 @@ def map_error(exc: BaseException, api_key: str = "") -> LLMError:
         status = exc.status_code
         retry_after = _retry_after(exc.response.headers.get("retry-after")) if exc.response is not None else None
         if status == 429:
-            return RateLimited(f"Upstream rate limited: {message}", retry_after=retry_after, http_status=429)
+            return RateLimited(f"Upstream rate limited: {message}", retry_after=retry_after)
         if status >= 500 or status == 408:
-            return LLMError(f"Upstream error {status}: {message}", code="upstream_error", retryable=True,
-                            retry_after=retry_after)
+            return LLMError(f"Upstream error {status}: {message}", code="upstream_error", retry_after=retry_after)
         if status in (401, 403, 404):
-            error = LLMError(f"Upstream refused the call ({status}): check the provider's key and upstream model.",
-                             code="upstream_auth" if status != 404 else "upstream_model_not_found", http_status=502,
-                             retryable=False)
-            error.failover = True  # this deployment's misconfiguration: another deployment may serve
-            return error
-        return BadUpstreamRequest(f"Upstream rejected the request ({status}): {message}", http_status=400)
+            # This deployment's misconfiguration: another deployment may serve (failover).
+            return LLMError(f"Upstream refused the call ({status}): check the provider's key and upstream model.",
+                            code="upstream_auth" if status != 404 else "upstream_model_not_found", failover=True)
+        return BadUpstreamRequest(f"Upstream rejected the request ({status}): {message}")
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError | httpx2.StreamError | ConnectionError):
-        return LLMError(f"Upstream connection failed: {message}", code="upstream_unavailable", retryable=True)
+        return LLMError(f"Upstream connection failed: {message}", code="upstream_unavailable")
     if isinstance(exc, ValueError | openai.APIResponseValidationError):  # malformed SSE / JSON
-        return LLMError(f"Upstream sent a malformed response: {message}", code="upstream_bad_response",
-                        retryable=True)
+        return LLMError(f"Upstream sent a malformed response: {message}", code="upstream_bad_response")
     if isinstance(exc, openai.APIError | httpx2.HTTPError):
-        return LLMError(f"Upstream failed: {message}", code="upstream_error", retryable=True)
+        return LLMError(f"Upstream failed: {message}", code="upstream_error")
     raise exc
 
 

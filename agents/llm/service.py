@@ -214,9 +214,9 @@ async def _run_model(call: _Call, request: ChatRequest, model_name: str, *,
                 raise
             if not retry.is_retryable(exc):
                 # A deployment-specific refusal (bad key) may go to another deployment, never to the same one.
-                if not (getattr(exc, "failover", False) and any(not tried[d.id] for d in route.deployments)):
+                if not (exc.failover and any(not tried[d.id] for d in route.deployments)):
                     raise
-            if isinstance(exc, UpstreamTimeout) and getattr(exc, "deadline", False):
+            if isinstance(exc, UpstreamTimeout) and exc.deadline:
                 raise  # the caller's time budget is spent: move on (fallback), don't retry
             last_error = exc
     assert last_error is not None
@@ -236,7 +236,7 @@ def _candidates(route: ModelRoute, tried: Counter[int]) -> list[DeploymentInfo]:
 def _choose(route: ModelRoute, tried: Counter[int], refused: set[int] = frozenset()) -> DeploymentInfo:
     candidates = [d for d in _candidates(route, tried) if d.id not in refused]
     if not candidates:
-        raise RateLimited(f"All deployments of '{route.name}' are at their rate limits.", retryable=True)
+        raise RateLimited(f"All deployments of '{route.name}' are at their rate limits.")
     return balancer.choose(route.name, route.strategy, candidates)
 
 
@@ -275,7 +275,7 @@ async def _acquire(route: ModelRoute, first: DeploymentInfo, tried: Counter[int]
         pause = min(shortest or 0.05, 0.25)
         if budget < pause:
             raise RateLimited(f"Rate limit reached for '{route.name}' ({_reason(refused, route)}).",
-                              retry_after=shortest, retryable=True)
+                              retry_after=shortest)
         await asyncio.sleep(pause)
         waited += pause
         refused.clear()
@@ -336,7 +336,7 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
         except LLMError as exc:
             latency = _ms(started)
             # A 4xx is the request's fault, not the deployment's; refused credentials are the deployment's.
-            counts = exc.retryable or getattr(exc, "failover", False)
+            counts = exc.retryable or exc.failover
             if counts:
                 circuit.failure()
                 verdict = True
@@ -386,9 +386,8 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
 
 
 def _deadline_error(request: ChatRequest) -> UpstreamTimeout:
-    exc = UpstreamTimeout(f"No reply within the {request.timeout:g}s timeout.")
-    exc.deadline = True  # the caller's budget, not one deployment's: no retry on this model
-    return exc
+    # The caller's budget, not one deployment's: no retry on this model.
+    return UpstreamTimeout(f"No reply within the {request.timeout:g}s timeout.", deadline=True)
 
 
 def _partial(call: _Call, route: ModelRoute, deployment: DeploymentInfo, content: str,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agents.llm import errors
+
 TokenSource = Literal["measured", "estimated", "partial"]
 
 
@@ -106,50 +108,58 @@ class TextDelta:
 
 
 class LLMError(Exception):
-    """A call that failed for good. `partial` holds what arrived before the failure, with usage."""
+    """A call that failed for good. Its code decides what every entry point answers (agents/llm/errors.py)."""
 
-    code = "llm_error"
-    http_status = 502
-    retryable = True
+    code: str = "llm_error"
+    message: str
+    # What arrived before the failure, with usage (source="partial"); set by the service layer.
+    partial: ChatResult | None
+    retry_after: float | None  # seconds, from the upstream's Retry-After
+    # A deployment-specific refusal (its key or upstream model): another deployment of the model may serve.
+    failover: bool
+    # The caller's time budget is spent (not one deployment's): no retry on this model, only the fallback.
+    deadline: bool
+    # The usage.UsageRecord that metering wrote for the failed call. Any: this layer can't import usage.
+    usage_record: Any
 
-    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None,
-                 retryable: bool | None = None, partial: ChatResult | None = None, retry_after: float | None = None):
+    def __init__(self, message: str, *, code: str | None = None, partial: ChatResult | None = None,
+                 retry_after: float | None = None, failover: bool = False, deadline: bool = False) -> None:
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
-        if http_status:
-            self.http_status = http_status
-        if retryable is not None:
-            self.retryable = retryable
         self.partial = partial
         self.retry_after = retry_after
+        self.failover = failover
+        self.deadline = deadline
+        self.usage_record = None
+
+    @property
+    def http_status(self) -> int:
+        return errors.spec(self.code).http_status
+
+    @property
+    def retryable(self) -> bool:
+        return errors.spec(self.code).retryable
 
 
 class UpstreamTimeout(LLMError):
     code = "upstream_timeout"
-    http_status = 504
 
 
 class RateLimited(LLMError):
     code = "rate_limited"
-    http_status = 429
 
 
 class BadUpstreamRequest(LLMError):
     """The upstream refused the request itself (4xx): never retried."""
 
     code = "bad_request"
-    http_status = 400
-    retryable = False
 
 
 class ModelNotFound(LLMError):
     code = "model_not_found"
-    http_status = 404
-    retryable = False
 
 
 class NoHealthyDeployment(LLMError):
     code = "no_healthy_deployment"
-    http_status = 503

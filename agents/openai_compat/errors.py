@@ -15,6 +15,7 @@ from typing import Any
 
 from django.http import JsonResponse
 
+from agents.llm import errors as llm_errors
 from agents.llm.types import LLMError
 from aiwriter.errors import ApiError
 
@@ -101,18 +102,10 @@ def from_api_error(exc: ApiError) -> OpenAIError:
 
 
 def from_llm_error(exc: LLMError) -> OpenAIError:
-    status = exc.http_status or 502
-    if status == 404:
-        error_type = INVALID_REQUEST
-    elif status == 429:
-        error_type = "rate_limit_exceeded"
-    elif status < 500:
-        error_type = INVALID_REQUEST
-    else:
-        error_type = "upstream_error" if status in (502, 504) else "server_error"
-    should_retry = None if exc.retryable else False
-    return OpenAIError(exc.message, status=status, type=error_type, code=exc.code, retry_after=exc.retry_after,
-                       should_retry=should_retry)
+    spec = llm_errors.spec(exc.code)  # the one table: agents/llm/errors.py
+    should_retry = None if spec.retryable else False
+    return OpenAIError(exc.message, status=spec.http_status, type=spec.openai_type, code=exc.code,
+                       retry_after=exc.retry_after, should_retry=should_retry)
 
 
 def to_openai_error(exc: Exception) -> OpenAIError | None:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from agents.llm import errors as llm_errors
 from agents.llm.types import LLMError
 from agents.openai_compat import calls
 from agents.openai_compat.targets import AGENT_PREFIX
@@ -35,6 +36,14 @@ def target_name(*, agent: str | None = None, model: str | None = None) -> str:
     return AGENT_PREFIX + agent if agent else str(model)
 
 
+def api_error(exc: LLMError) -> ApiError:
+    """A model failure in our REST shape; status and retryability from the one table (agents/llm/errors.py)."""
+    spec = llm_errors.spec(exc.code)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+    return ApiError(exc.message, code=exc.code, status_code=spec.http_status, retryable=spec.retryable,
+                    headers=headers)
+
+
 async def _run(*, user: Any, api_key: Any, target: str, prompt: str, workflow_type: str,
                max_tokens: int | None = None) -> WriterResult:
     """Routes, limits and meters one call; an LLMError becomes an ApiError in our error shape."""
@@ -49,9 +58,7 @@ async def _run(*, user: Any, api_key: Any, target: str, prompt: str, workflow_ty
             await calls.finish_call(call, exc.partial)
             raise
     except LLMError as exc:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
-        raise ApiError(exc.message, code=exc.code, status_code=exc.http_status, retryable=exc.retryable,
-                       headers=headers) from exc
+        raise api_error(exc) from exc
     await calls.finish_call(call, metered.result)
     return WriterResult(metered)
 
