@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -45,11 +46,45 @@ def agent_list() -> QuerySet[Agent]:
     return Agent.objects.select_related("model", "fallback_model")
 
 
-def deployment_health() -> list[dict[str, Any]]:
-    """One row per deployment: live status (traffic, breaker, probe), latency, error rate, last check.
+@dataclass(frozen=True)
+class DeploymentHealth:
+    """One deployment's health: live status (traffic, breaker, probe), latency, error rate, last check."""
 
-    Live traffic health and breakers are per process (this one); probe results come from the database.
-    """
+    deployment_id: int
+    model: str
+    provider: str
+    upstream_model: str
+    enabled: bool  # the deployment, its provider and its model all enabled
+    status: str  # health.HEALTHY / DEGRADED / UNHEALTHY / UNKNOWN, or "disabled"
+    breaker_state: str
+    healthy: bool  # takes traffic
+    response_time_ms: int | None
+    error_rate: float
+    recent_calls: int
+    last_error: str
+    last_check: datetime | None
+    probe_status: str
+
+    @property
+    def breaker(self) -> str:  # the admin dashboard's name for it
+        return self.breaker_state
+
+    def as_json(self) -> dict[str, Any]:
+        """The row of GET /api/health (public: keeps the aliases `breaker` and `state`)."""
+        return {
+            "deployment_id": self.deployment_id, "model": self.model, "provider": self.provider,
+            "upstream_model": self.upstream_model, "enabled": self.enabled, "status": self.status,
+            "breaker_state": self.breaker_state, "breaker": self.breaker_state, "state": self.breaker_state,
+            "healthy": self.healthy, "response_time_ms": self.response_time_ms, "error_rate": self.error_rate,
+            "recent_calls": self.recent_calls, "last_error": self.last_error,
+            "last_check": self.last_check.isoformat() if self.last_check else None,
+            "probe_status": self.probe_status,
+        }
+
+
+def deployment_health() -> list[DeploymentHealth]:
+    """One row per deployment, by model name. Live traffic health and breakers are per process (this one);
+    probe results come from the database."""
     rows = []
     for d in Deployment.objects.select_related("model", "provider").order_by("model__name", "id"):
         window = health.window(d.pk)
@@ -60,20 +95,16 @@ def deployment_health() -> list[dict[str, Any]]:
         latency = window.latency_ms if window and window.latency_ms is not None else d.last_latency_ms
         status = health.status(d.pk, d.health_status) if active else "disabled"
         breaker_state = breaker.state_of(d.pk)
-        rows.append({
-            "deployment_id": d.pk, "model": d.model.name, "provider": d.provider.name,
-            "upstream_model": d.upstream_model, "enabled": active, "status": status,
-            "breaker_state": breaker_state,
-            # Aliases read by the admin dashboard and the Prometheus collector.
-            "breaker": breaker_state, "state": breaker_state,
-            "healthy": active and status != health.UNHEALTHY and breaker_state != breaker.OPEN,
-            "response_time_ms": latency,
-            "error_rate": round(window.error_rate, 4) if window else 0.0,
-            "recent_calls": len(window.calls) if window else 0,
-            "last_error": (window.last_error if window and window.last_error else d.last_error),
-            "last_check": last_check.isoformat() if last_check else None,
-            "probe_status": d.health_status,
-        })
+        rows.append(DeploymentHealth(
+            deployment_id=d.pk, model=d.model.name, provider=d.provider.name, upstream_model=d.upstream_model,
+            enabled=active, status=status, breaker_state=breaker_state,
+            healthy=active and status != health.UNHEALTHY and breaker_state != breaker.OPEN,
+            response_time_ms=latency,
+            error_rate=round(window.error_rate, 4) if window else 0.0,
+            recent_calls=len(window.calls) if window else 0,
+            last_error=(window.last_error if window and window.last_error else d.last_error),
+            last_check=last_check, probe_status=d.health_status,
+        ))
     return rows
 
 
@@ -82,8 +113,8 @@ def service_health() -> dict[str, Any]:
     rows = deployment_health()
     by_model: dict[str, list[str]] = {}
     for row in rows:
-        if row["enabled"]:
-            by_model.setdefault(row["model"], []).append(row["status"])
+        if row.enabled:
+            by_model.setdefault(row.model, []).append(row.status)
     overall = "healthy"
     for statuses in by_model.values():
         if all(s == health.UNHEALTHY for s in statuses):
@@ -91,7 +122,7 @@ def service_health() -> dict[str, Any]:
             break
         if any(s in (health.UNHEALTHY, health.DEGRADED) for s in statuses):
             overall = "degraded"
-    return {"status": overall, "checked_at": timezone.now().isoformat(), "deployments": rows}
+    return {"status": overall, "checked_at": timezone.now().isoformat(), "deployments": [r.as_json() for r in rows]}
 
 
 def _money(value: Decimal | None) -> str:

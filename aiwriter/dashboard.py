@@ -15,7 +15,6 @@ from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from agents.selectors import deployment_health
 from aiwriter import charts
@@ -83,15 +82,6 @@ def top_by_cost(start: datetime, field: str, limit: int = TOP_N) -> list[tuple[s
     return [(r[field] or "—", r["total"]) for r in rows]
 
 
-def _deployments() -> list[dict]:
-    """Deployment health from the service layer (live breaker state is this process's view)."""
-    rows = deployment_health()
-    for row in rows:
-        if isinstance(row.get("last_check"), str):
-            row["last_check"] = parse_datetime(row["last_check"])
-    return rows
-
-
 def dashboard_view(request: HttpRequest) -> HttpResponse:
     range_key = request.GET.get("range", "7")
     if range_key not in RANGES:
@@ -136,7 +126,7 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
             "top_users": charts.bar_chart(top_by_cost(start, "user"), title=f"Top users by cost ({currency})"),
             "top_models": charts.bar_chart(top_by_cost(start, "model"), title=f"Top models by cost ({currency})"),
         },
-        "deployments": _deployments(),
+        "deployments": deployment_health(),  # live breaker state is this process's view
     }
     return TemplateResponse(request, "admin/dashboard.html", context)
 

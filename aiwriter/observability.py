@@ -7,7 +7,7 @@ Metrics others may feed:
 
 Model-call metrics are fed from a post_save signal on usage.UsageRecord (one row per model call), so
 no entry point has to remember to count. Deployment health is read at scrape time from
-agents.selectors.deployment_health() when that exists.
+agents.selectors.deployment_health().
 
 Processes: each daphne process keeps its own registry and serves its own `/metrics`; scrape every
 process. With PROMETHEUS_MULTIPROC_DIR set (an empty directory, before start) prometheus-client's
@@ -145,36 +145,23 @@ class DeploymentHealthCollector(Collector):
         return []  # registering must not call collect(): no DB access while apps load
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from agents import selectors
+
         try:
-            from agents import selectors
-        except ImportError:
-            return
-        health_fn = getattr(selectors, "deployment_health", None)
-        if health_fn is None:
-            return
-        try:
-            rows = health_fn()
+            rows = selectors.deployment_health()
         except Exception:  # noqa: BLE001 - a scrape must still answer with the other metrics
             logger.exception("deployment_health() failed during a metrics scrape")
             return
-        if isinstance(rows, dict):
-            rows = [{"deployment": key, **(value if isinstance(value, dict) else {"state": value})}
-                    for key, value in rows.items()]
         breaker = GaugeMetricFamily("aiwriter_deployment_breaker_state",
                                     "1 for the breaker's current state of each deployment.",
                                     labels=["deployment", "model", "provider", "state"])
         healthy = GaugeMetricFamily("aiwriter_deployment_healthy", "1 if the deployment takes traffic.",
                                     labels=["deployment", "model", "provider"])
-        for row in rows or []:
-            row = row if isinstance(row, dict) else getattr(row, "__dict__", {})
-            ident = [str(row.get(k, "")) for k in ("deployment_id", "model", "provider")]
-            if not ident[0]:
-                ident[0] = str(row.get("deployment", row.get("id", "")))
-            state = str(row.get("state", row.get("breaker", "closed")))
+        for row in rows:
+            ident = [str(row.deployment_id), row.model, row.provider]
             for candidate in self._STATES:
-                breaker.add_metric([*ident, candidate], 1.0 if candidate == state else 0.0)
-            ok = row.get("healthy", state != "open")
-            healthy.add_metric(ident, 1.0 if ok else 0.0)
+                breaker.add_metric([*ident, candidate], 1.0 if candidate == row.breaker_state else 0.0)
+            healthy.add_metric(ident, 1.0 if row.healthy else 0.0)
         yield breaker
         yield healthy
 

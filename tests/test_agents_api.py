@@ -143,8 +143,11 @@ def test_health_lists_deployments(staff):
     body = response.json()
     assert body["status"] in ("healthy", "degraded", "unhealthy")
     row = body["deployments"][0]
-    assert {"model", "provider", "upstream_model", "status", "breaker_state", "response_time_ms", "error_rate",
-            "last_check"} <= set(row)
+    # The row's fields are public, `breaker` and `state` too (aliases of breaker_state).
+    assert set(row) == {"deployment_id", "model", "provider", "upstream_model", "enabled", "status", "breaker_state",
+                        "breaker", "state", "healthy", "response_time_ms", "error_rate", "recent_calls", "last_error",
+                        "last_check", "probe_status"}
+    assert row["breaker"] == row["state"] == row["breaker_state"] == "closed" and row["model"] == "h-m"
 
 
 def test_metrics_validates_range(staff):

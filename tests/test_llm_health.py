@@ -21,8 +21,8 @@ def _call(model: str, **kw):
     return async_to_sync(service.complete)(ChatRequest(model=model, messages=MESSAGES, **kw))
 
 
-def _rows() -> dict[str, dict]:
-    return {row["upstream_model"]: row for row in selectors.deployment_health()}
+def _rows() -> dict[str, selectors.DeploymentHealth]:
+    return {row.upstream_model: row for row in selectors.deployment_health()}
 
 
 def test_live_errors_make_a_deployment_unhealthy_and_traffic_avoids_it(fake_upstream, settings):
@@ -34,9 +34,9 @@ def test_live_errors_make_a_deployment_unhealthy_and_traffic_avoids_it(fake_upst
     for _ in range(8):
         _call("hl")
     rows = _rows()
-    assert rows["bad"]["status"] == "unhealthy" and rows["bad"]["error_rate"] > 0.5
-    assert rows["good"]["status"] == "healthy" and rows["good"]["response_time_ms"] is not None
-    assert rows["bad"]["last_error"] == "upstream_error" and rows["bad"]["last_check"]
+    assert rows["bad"].status == "unhealthy" and rows["bad"].error_rate > 0.5
+    assert rows["good"].status == "healthy" and rows["good"].response_time_ms is not None
+    assert rows["bad"].last_error == "upstream_error" and rows["bad"].last_check
     bad_calls = len(fake_upstream.requests_for("bad"))
     for _ in range(4):
         _call("hl")
@@ -67,7 +67,7 @@ def test_probe_records_health_and_routing_skips_failed_probes(fake_upstream):
     fake_upstream.requests.clear()
     for _ in range(4):
         assert _call("probed").upstream_model == "up"
-    assert _rows()["down"]["status"] == "unhealthy"
+    assert _rows()["down"].status == "unhealthy"
 
 
 def test_probe_times_out_a_hanging_deployment(fake_upstream):
@@ -146,11 +146,11 @@ def test_an_unhealthy_deployment_recovers_after_a_quiet_spell(fake_upstream, set
     fake_upstream.configure("flaky", status=500)
     for _ in range(8):
         _call("rec")
-    assert _rows()["flaky"]["status"] == "unhealthy"
+    assert _rows()["flaky"].status == "unhealthy"
     fake_upstream.configure("flaky", status=200)
     monkeypatch.setattr(health, "RETRY_UNHEALTHY_AFTER", 0.0)  # the quiet spell has passed
     served = {_call("rec").upstream_model for _ in range(4)}
-    assert "flaky" in served and _rows()["flaky"]["status"] != "unhealthy"
+    assert "flaky" in served and _rows()["flaky"].status != "unhealthy"
 
 
 def test_slow_deployment_is_degraded_but_still_served(fake_upstream, settings):
@@ -160,7 +160,7 @@ def test_slow_deployment_is_degraded_but_still_served(fake_upstream, settings):
     for _ in range(4):
         assert _call("slowish").upstream_model == "sl"
     row = _rows()["sl"]
-    assert row["status"] == "degraded" and row["error_rate"] == 0 and row["response_time_ms"] >= 100
+    assert row.status == "degraded" and row.error_rate == 0 and row.response_time_ms >= 100
     assert selectors.service_health()["status"] == "degraded"
 
 

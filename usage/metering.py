@@ -80,14 +80,14 @@ def _finish(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[Usa
         record, alerts = services.record_call(meta=meta, plan=plan, outcome=outcome)
     except DatabaseError:
         logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
-                         meta["user_id"], plan.reservation_id)
+                         meta.user_id, plan.reservation_id)
         try:
             saved = services.save_pending_result(plan=plan, outcome=outcome)
         except DatabaseError:
             saved = False
         if not saved:
             logger.error("call outcome not saved (hold %s): %s", plan.reservation_id, outcome.as_json())
-        unsaved = UsageRecord(user_id=meta["user_id"], model=outcome.model, provider=outcome.provider,
+        unsaved = UsageRecord(user_id=meta.user_id, model=outcome.model, provider=outcome.provider,
                               prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                               total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
                               token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -217,17 +217,40 @@ class CallOutcome:
         return asdict(self)
 
 
-def call_meta(ctx: Any) -> dict[str, Any]:
-    """The JSON-safe identity of a call (kept on its hold so a reconcile can write the record)."""
+@dataclass(frozen=True)
+class CallMeta:
+    """The identity of a call, by ids: kept on its hold as JSON so a reconcile can write the record."""
+
+    user_id: int
+    entry_point: str
+    project: str = ""
+    agent_id: int | None = None
+    conversation_id: int | None = None
+    message_id: int | None = None
+    api_key_id: int | None = None
+    debug: bool = False
+    workflow_type: str = ""
+    idempotency_key: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CallMeta:
+        """From a hold's context, which also holds the call's start, period and model."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def call_meta(ctx: Any) -> CallMeta:
     def pk(obj: Any) -> Any:
         return getattr(obj, "pk", obj)
 
-    return {
-        "user_id": pk(ctx.user), "project": ctx.project or "", "agent_id": pk(ctx.agent),
-        "conversation_id": pk(ctx.conversation), "message_id": pk(ctx.message), "api_key_id": pk(ctx.api_key),
-        "entry_point": ctx.entry_point, "debug": bool(ctx.debug), "workflow_type": ctx.workflow_type or "",
-        "idempotency_key": getattr(ctx, "idempotency_key", None),
-    }
+    return CallMeta(
+        user_id=pk(ctx.user), project=ctx.project or "", agent_id=pk(ctx.agent),
+        conversation_id=pk(ctx.conversation), message_id=pk(ctx.message), api_key_id=pk(ctx.api_key),
+        entry_point=ctx.entry_point, debug=bool(ctx.debug), workflow_type=ctx.workflow_type or "",
+        idempotency_key=getattr(ctx, "idempotency_key", None),
+    )
 
 
 def _check_limits(*, user_id: int, project: str, period: date, limits: Limits, api_key: ApiKey | None) -> None:
@@ -321,7 +344,7 @@ def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPl
     amount = worst_case_cost(request, started_at)
     if amount <= 0:
         return plan  # free models need no balance
-    context = {**call_meta(ctx), "started_at": started_at.isoformat(), "period": period.isoformat(),
+    context = {**call_meta(ctx).as_json(), "started_at": started_at.isoformat(), "period": period.isoformat(),
                "model": request.model}
     if connection.vendor == "postgresql":
         reservation_id = _hold_and_reserve(user_id, amount, context)
@@ -349,16 +372,16 @@ def outcome_cost(plan: CallPlan, outcome: CallOutcome) -> Decimal:
                      cached_prompt_tokens=outcome.cached_prompt_tokens, completion_tokens=outcome.completion_tokens)
 
 
-def record_call(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, list[QuotaAlert]]:
+def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, list[QuotaAlert]]:
     """Writes the record, settles the hold, charges, counts and rolls up, all in one transaction.
 
     Returns the record and any quota alerts it raised; deliver those with `deliver_alerts` after this returns.
     """
-    debug = meta.get("debug", False)
+    debug = meta.debug
     cost = outcome_cost(plan, outcome)
     charge = outcome.billable and not debug
     now = timezone.now()
-    user_id = meta["user_id"]
+    user_id = meta.user_id
     if connection.vendor == "postgresql" and not debug:
         try:
             return _record_call_pg(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge, now=now)
@@ -366,17 +389,17 @@ def record_call(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome) -
             pass  # rolled back: the balance does not cover the cost (or no account); the general path below decides
     with transaction.atomic():
         record = UsageRecord.objects.create(
-            user_id=user_id, project=meta.get("project", ""), agent_id=meta.get("agent_id"),
-            conversation_id=meta.get("conversation_id"), message_id=meta.get("message_id"),
-            api_key_id=meta.get("api_key_id"), provider=outcome.provider, model=outcome.model,
+            user_id=user_id, project=meta.project, agent_id=meta.agent_id,
+            conversation_id=meta.conversation_id, message_id=meta.message_id,
+            api_key_id=meta.api_key_id, provider=outcome.provider, model=outcome.model,
             upstream_model=outcome.upstream_model, prompt_tokens=outcome.prompt_tokens,
             cached_prompt_tokens=outcome.cached_prompt_tokens, completion_tokens=outcome.completion_tokens,
             total_tokens=outcome.prompt_tokens + outcome.completion_tokens, token_source=outcome.token_source,
             cost=cost, cached=outcome.cache_hit, debug=debug, fallback=outcome.fallback,
             charged=charge and cost > 0, status=outcome.status, error_code=outcome.error_code[:50],
-            latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms, entry_point=meta["entry_point"],
-            workflow_type=meta.get("workflow_type", ""), metadata=outcome.metadata,
-            idempotency_key=meta.get("idempotency_key"), created_at=plan.started_at,
+            latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms, entry_point=meta.entry_point,
+            workflow_type=meta.workflow_type, metadata=outcome.metadata,
+            idempotency_key=meta.idempotency_key, created_at=plan.started_at,
         )
         held = ZERO
         if plan.reservation_id:
@@ -398,7 +421,7 @@ def record_call(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome) -
                     record.charged = charged > 0
                     record.save(update_fields=["metadata", "charged"])
             if charged > 0:
-                _ledger_charge(account_id, charged, balance_after, record, outcome.model, meta["entry_point"])
+                _ledger_charge(account_id, charged, balance_after, record, outcome.model, meta.entry_point)
         else:
             charged = ZERO
         alerts: list[QuotaAlert] = []
@@ -412,7 +435,7 @@ class _SlowPath(Exception):
     """The one-statement path could not settle the call in full: roll it back and take the general path."""
 
 
-def _record_call_pg(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome, cost: Decimal, charge: bool,
+def _record_call_pg(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, cost: Decimal, charge: bool,
                     now: datetime) -> tuple[UsageRecord, list[QuotaAlert]]:
     """PostgreSQL: what record_call writes (record, hold settled, charge, ledger entry, counters, rollup) as ONE
     statement of data-modifying CTEs, in one transaction with any quota alert it raises.
@@ -422,20 +445,20 @@ def _record_call_pg(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcom
     way. Same rows, same values, same conditional updates as the general path; one round trip instead of six to
     nine, and no ORM compilation on the hot path.
     """
-    user_id, project = meta["user_id"], meta.get("project", "")
+    user_id, project = meta.user_id, meta.project
     to_charge = cost if charge else ZERO
     record = UsageRecord(
-        user_id=user_id, project=project, agent_id=meta.get("agent_id"),
-        conversation_id=meta.get("conversation_id"), message_id=meta.get("message_id"),
-        api_key_id=meta.get("api_key_id"), provider=outcome.provider, model=outcome.model,
+        user_id=user_id, project=project, agent_id=meta.agent_id,
+        conversation_id=meta.conversation_id, message_id=meta.message_id,
+        api_key_id=meta.api_key_id, provider=outcome.provider, model=outcome.model,
         upstream_model=outcome.upstream_model, prompt_tokens=outcome.prompt_tokens,
         cached_prompt_tokens=outcome.cached_prompt_tokens, completion_tokens=outcome.completion_tokens,
         total_tokens=outcome.prompt_tokens + outcome.completion_tokens, token_source=outcome.token_source,
         cost=cost, cached=outcome.cache_hit, debug=False, fallback=outcome.fallback,
         charged=charge and cost > 0, status=outcome.status, error_code=outcome.error_code[:50],
-        latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms, entry_point=meta["entry_point"],
-        workflow_type=meta.get("workflow_type", ""), metadata=outcome.metadata,
-        idempotency_key=meta.get("idempotency_key"), created_at=plan.started_at,
+        latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms, entry_point=meta.entry_point,
+        workflow_type=meta.workflow_type, metadata=outcome.metadata,
+        idempotency_key=meta.idempotency_key, created_at=plan.started_at,
     )
     # The record's values travel as one JSON parameter: psycopg caches the parsing of a statement only up to 4 kB
     # and 50 parameters, and a literal per column would take this one past both.
@@ -465,7 +488,7 @@ def _record_call_pg(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcom
         ctes.append(f"led AS (INSERT INTO {_q(LedgerEntry._meta.db_table)} (account_id, amount, kind, reason, "
                     f"usage_record_id, balance_after, created_at) SELECT acct.id, %s, %s, %s, rec.id, acct.balance, %s "
                     f"FROM acct, rec)")
-        params += [-to_charge, LedgerEntry.Kind.CHARGE, f"{outcome.model} ({meta['entry_point']})"[:255], now]
+        params += [-to_charge, LedgerEntry.Kind.CHARGE, f"{outcome.model} ({meta.entry_point})"[:255], now]
     scopes = list(dict.fromkeys(["", project])) if charge else []
     used_tokens = 0 if outcome.cache_hit else record.total_tokens
     counters = _q(UsageCounter._meta.db_table)
@@ -475,19 +498,19 @@ def _record_call_pg(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcom
                     f"tokens = {counters}.tokens + EXCLUDED.tokens, cost = {counters}.cost + EXCLUDED.cost "
                     f"RETURNING tokens, cost)")
         params += [user_id, scope, plan.period, used_tokens, to_charge]
-    if charge and meta.get("api_key_id"):
+    if charge and meta.api_key_id:
         keys = _q(ApiKeyCounter._meta.db_table)
         ctes.append(f"kc AS (INSERT INTO {keys} (api_key_id, period, tokens, cost) VALUES (%s, %s, %s, %s) "
                     f"ON CONFLICT (api_key_id, period) DO UPDATE SET tokens = {keys}.tokens + EXCLUDED.tokens, "
                     f"cost = {keys}.cost + EXCLUDED.cost)")
-        params += [meta["api_key_id"], plan.period, used_tokens, to_charge]
+        params += [meta.api_key_id, plan.period, used_tokens, to_charge]
     rollups = _q(DailyRollup._meta.db_table)
     sums = ("calls", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "total_tokens", "cost")
     ctes.append(f"roll AS (INSERT INTO {rollups} (user_id, project, agent_id, provider, model, day, {', '.join(sums)}) "
                 f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 f"ON CONFLICT (user_id, project, agent_id, provider, model, day) DO UPDATE SET "
                 + ", ".join(f"{c} = {rollups}.{c} + EXCLUDED.{c}" for c in sums) + ")")
-    params += [user_id, project, meta.get("agent_id") or 0, record.provider, record.model,
+    params += [user_id, project, meta.agent_id or 0, record.provider, record.model,
                periods.local_day(record.created_at), 1, int(record.status != UsageRecord.Status.SUCCESS),
                int(record.cached), record.prompt_tokens, record.completion_tokens, record.total_tokens,
                cost if record.charged else ZERO]
@@ -523,10 +546,10 @@ def _ledger_charge(account_id: int, charged: Decimal, balance_after: Decimal, re
                                       balance_after=balance_after)
 
 
-def _count(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome, record: UsageRecord, charged: Decimal,
+def _count(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, record: UsageRecord, charged: Decimal,
            counted: bool) -> list[QuotaAlert]:
     """Counters (quota), key counter (budget) and the daily rollup (stats); returns newly raised alerts."""
-    user_id, project = meta["user_id"], meta.get("project", "")
+    user_id, project = meta.user_id, meta.project
     alerts: list[QuotaAlert] = []
     if counted:
         used_tokens = 0 if outcome.cache_hit else record.total_tokens
@@ -539,11 +562,11 @@ def _count(*, meta: dict[str, Any], plan: CallPlan, outcome: CallOutcome, record
                                      tokens_used=int(row[0]), cost_used=_dec(row[1]))
                 if alert:
                     alerts.append(alert)
-        if meta.get("api_key_id"):
-            _upsert_add(ApiKeyCounter, {"api_key_id": meta["api_key_id"], "period": plan.period},
+        if meta.api_key_id:
+            _upsert_add(ApiKeyCounter, {"api_key_id": meta.api_key_id, "period": plan.period},
                         {"tokens": used_tokens, "cost": charged})
     _upsert_add(DailyRollup, {
-        "user_id": user_id, "project": project, "agent_id": meta.get("agent_id") or 0, "provider": record.provider,
+        "user_id": user_id, "project": project, "agent_id": meta.agent_id or 0, "provider": record.provider,
         "model": record.model, "day": periods.local_day(record.created_at),
     }, {
         "calls": 1, "errors": int(record.status != UsageRecord.Status.SUCCESS), "cache_hits": int(record.cached),
@@ -585,18 +608,18 @@ def _maybe_alert(*, user_id: int, project: str, period: date, limit: tuple[int, 
     return QuotaAlert(pk=row[0], user_id=user_id, project=project, period=period, level=level, message=message)
 
 
-def _count_late_charge(*, meta: dict[str, Any], plan: CallPlan, record: UsageRecord, charged: Decimal) -> None:
+def _count_late_charge(*, meta: CallMeta, plan: CallPlan, record: UsageRecord, charged: Decimal) -> None:
     """Money charged after record_call (a reconciled hold): into the month's counters and the day's rollup too, so
     quotas see it and the rollups keep agreeing with the records."""
-    user_id, project = meta["user_id"], meta.get("project", "")
+    user_id, project = meta.user_id, meta.project
     for scope in dict.fromkeys(["", project]):
         _upsert_add(UsageCounter, {"user_id": user_id, "project": scope, "period": plan.period},
                     {"tokens": 0, "cost": charged})
-    if meta.get("api_key_id"):
-        _upsert_add(ApiKeyCounter, {"api_key_id": meta["api_key_id"], "period": plan.period},
+    if meta.api_key_id:
+        _upsert_add(ApiKeyCounter, {"api_key_id": meta.api_key_id, "period": plan.period},
                     {"tokens": 0, "cost": charged})
     _upsert_add(DailyRollup, {
-        "user_id": user_id, "project": project, "agent_id": meta.get("agent_id") or 0, "provider": record.provider,
+        "user_id": user_id, "project": project, "agent_id": meta.agent_id or 0, "provider": record.provider,
         "model": record.model, "day": periods.local_day(record.created_at),
     }, {"calls": 0, "errors": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
         "cost": charged})
@@ -629,13 +652,13 @@ def reconcile_reservations(*, older_than: timedelta = timedelta(hours=1), charge
                            .filter(pk=reservation_id, status=Reservation.Status.HELD).first())
             if reservation is None:
                 continue
-            meta = dict(reservation.context)
-            started_at = datetime.fromisoformat(meta.pop("started_at")) if meta.get("started_at") else \
+            context = reservation.context
+            meta = CallMeta.from_json(context)
+            started_at = datetime.fromisoformat(context["started_at"]) if context.get("started_at") else \
                 reservation.created_at
             plan = CallPlan(started_at=started_at, period=periods.month_start(started_at),
-                            limits=quota_limits(user_id=meta["user_id"], project=meta.get("project", "")),
+                            limits=quota_limits(user_id=meta.user_id, project=meta.project),
                             reservation_id=reservation.pk, reserved=reservation.amount)
-            meta.pop("period", None)
             if reservation.result:
                 outcome = CallOutcome(**reservation.result)
                 outcome.metadata = {**outcome.metadata, "reconciled": True}
@@ -643,11 +666,11 @@ def reconcile_reservations(*, older_than: timedelta = timedelta(hours=1), charge
                 done["charged"] += 1
             elif charge_unknown:
                 # Outcome unknown: bill the hold itself rather than risk a free call.
-                outcome = CallOutcome(status=UsageRecord.Status.ERROR, model=meta.get("model", ""), billable=False,
+                outcome = CallOutcome(status=UsageRecord.Status.ERROR, model=context.get("model", ""), billable=False,
                                       token_source=UsageRecord.TokenSource.ESTIMATED, error_code="reconciled_unknown",
                                       metadata={"reconciled": True})
                 record, _ = record_call(meta=meta, plan=plan, outcome=outcome)  # releases the hold
-                charged, balance_after, account_id = _settle_account(meta["user_id"], reservation.amount, ZERO)
+                charged, balance_after, account_id = _settle_account(meta.user_id, reservation.amount, ZERO)
                 if charged > 0:
                     _ledger_charge(account_id, charged, balance_after, record, outcome.model, "reconcile")
                     record.cost, record.charged = charged, True
@@ -655,7 +678,7 @@ def reconcile_reservations(*, older_than: timedelta = timedelta(hours=1), charge
                     _count_late_charge(meta=meta, plan=plan, record=record, charged=charged)
                 done["charged"] += 1
             else:
-                _settle_account(meta["user_id"], ZERO, reservation.amount)
+                _settle_account(meta.user_id, ZERO, reservation.amount)
                 reservation.status, reservation.settled_at = Reservation.Status.RELEASED, timezone.now()
                 reservation.save(update_fields=["status", "settled_at"])
                 done["released"] += 1
@@ -678,13 +701,13 @@ def settle_abandoned_calls(*, message_id: int, prompt_tokens: int, delivered: st
                            .filter(pk=reservation_id, status=Reservation.Status.HELD).first())
             if reservation is None:
                 continue
-            meta = dict(reservation.context)
-            started_at = datetime.fromisoformat(meta.pop("started_at")) if meta.get("started_at") else \
+            context = reservation.context
+            meta = CallMeta.from_json(context)
+            started_at = datetime.fromisoformat(context["started_at"]) if context.get("started_at") else \
                 reservation.created_at
-            meta.pop("period", None)
-            model = meta.get("model", "")
+            model = context.get("model", "")
             plan = CallPlan(started_at=started_at, period=periods.month_start(started_at),
-                            limits=quota_limits(user_id=meta["user_id"], project=meta.get("project", "")),
+                            limits=quota_limits(user_id=meta.user_id, project=meta.project),
                             reservation_id=reservation.pk, reserved=reservation.amount)
             completion = tokens.count_text(delivered, model)
             outcome = CallOutcome(status=UsageRecord.Status.ERROR, model=model, prompt_tokens=prompt_tokens,
