@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -132,7 +132,7 @@ def _delivered_outcome(request: ChatRequest, delivered: str, *, status: str, par
     )
 
 
-async def _drain(inner: AsyncIterator, delivered: list[str]) -> ChatResult | None:
+async def _drain(inner: AsyncGenerator[TextDelta | ChatResult, None], delivered: list[str]) -> ChatResult | None:
     """Reads on after the caller left, up to CUTOFF_DRAIN_MAX_SECONDS, for the upstream's final usage."""
     try:
         async with asyncio.timeout(settings.CUTOFF_DRAIN_MAX_SECONDS):
@@ -154,7 +154,7 @@ async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tup
 
 
 async def metered_stream(ctx: CallContext, request: ChatRequest, *,
-                         whole: bool = False) -> AsyncIterator[TextDelta | MeteredResult]:
+                         whole: bool = False) -> AsyncGenerator[TextDelta | MeteredResult, None]:
     """whole=True (metered_complete): no TextDelta, whole-reply semantics of service.complete (timeout in total)."""
     with timing("quota"):  # quota check and the credit hold
         plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)

@@ -10,7 +10,7 @@ from agents.llm.types import ChatRequest
 from agents.models import Agent
 
 
-class _SafeFormat(dict):
+class _SafeFormat(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return "{" + key + "}"
 
@@ -40,7 +40,7 @@ def build_agent_request(agent: Agent, messages: list[dict[str, Any]], *, user: A
         temperature=float(agent.temperature),
         max_tokens=agent.max_tokens,
         timeout=float(agent.timeout_seconds),
-        fallback_model=agent.fallback_model.name if agent.fallback_model_id else None,
+        fallback_model=agent.fallback_model.name if agent.fallback_model is not None else None,
     )
     for name, value in options.items():
         if value is not None:

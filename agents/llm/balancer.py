@@ -31,10 +31,11 @@ def _smooth_weighted(model: str, candidates: Sequence[DeploymentInfo]) -> Deploy
     total = sum(weights.values())
     if total == 0:
         return _round_robin(model, candidates)
-    best = None
+    best = candidates[0]
     for d in candidates:
         current[d.id] = current.get(d.id, 0) + weights[d.id]
-        if best is None or current[d.id] > current[best.id]:
+    for d in candidates[1:]:
+        if current[d.id] > current[best.id]:
             best = d
     current[best.id] -= total
     return best

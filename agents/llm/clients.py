@@ -10,7 +10,7 @@ from typing import Any
 from agents.llm.providers import DemoProvider, OpenAICompatibleProvider
 from agents.llm.registry import DeploymentInfo
 
-_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, OpenAICompatibleProvider]] = (
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], OpenAICompatibleProvider]] = (
     weakref.WeakKeyDictionary())
 _demo = None
 

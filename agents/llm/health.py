@@ -28,7 +28,7 @@ RETRY_UNHEALTHY_AFTER = 30.0  # seconds without traffic after which an unhealthy
 
 @dataclass
 class Window:
-    calls: deque = field(default_factory=lambda: deque(maxlen=settings.LLM_HEALTH_WINDOW))
+    calls: deque[tuple[bool, int]] = field(default_factory=lambda: deque(maxlen=settings.LLM_HEALTH_WINDOW))
     last_error: str = ""
     last_at: float | None = None  # wall clock of the last call
 

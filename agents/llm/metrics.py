@@ -38,8 +38,8 @@ FLUSH_INTERVAL = 1.0
 
 _lock = threading.Lock()
 # (scope, key, minute) -> Counter of fields ("requests", ..., "lat:<bucket>", "ttft:<bucket>")
-_local: defaultdict[tuple[str, str, int], Counter] = defaultdict(Counter)
-_pending: defaultdict[tuple[str, str, int], Counter] = defaultdict(Counter)
+_local: defaultdict[tuple[str, str, int], Counter[str]] = defaultdict(Counter)
+_pending: defaultdict[tuple[str, str, int], Counter[str]] = defaultdict(Counter)
 _labels: dict[str, dict[str, Any]] = {}
 _flusher: threading.Thread | None = None
 _last_prune_minute = 0
@@ -101,7 +101,7 @@ def record_total(*, ok: bool, latency_ms: int, ttft_ms: int | None = None, promp
 
 # --- Redis flush ----------------------------------------------------------------------------
 
-def _take_pending() -> tuple[dict, dict]:
+def _take_pending() -> tuple[dict[tuple[str, str, int], Counter[str]], dict[str, dict[str, Any]]]:
     global _pending
     with _lock:
         pending, _pending = _pending, defaultdict(Counter)
@@ -133,7 +133,7 @@ def _flush_forever() -> None:
         flush_sync()
 
 
-def _queue(pipe: Any, pending: dict, labels: dict) -> None:
+def _queue(pipe: Any, pending: dict[tuple[str, str, int], Counter[str]], labels: dict[str, dict[str, Any]]) -> None:
     for (scope, key, minute), fields in pending.items():
         name = _hash_key(scope, key, minute)
         for field, value in fields.items():
@@ -145,7 +145,7 @@ def _queue(pipe: Any, pending: dict, labels: dict) -> None:
         pipe.hset(redis_key("llmmetrics", "labels"), mapping={k: json.dumps(v) for k, v in labels.items()})
 
 
-def _restore(pending: dict) -> None:
+def _restore(pending: dict[tuple[str, str, int], Counter[str]]) -> None:
     with _lock:
         for k, fields in pending.items():
             _pending[k].update(fields)
@@ -177,7 +177,7 @@ def _minutes(start: datetime | None, end: datetime | None) -> tuple[int, int]:
     return start_m, end_m
 
 
-def _percentile(hist: Counter, q: float) -> int | None:
+def _percentile(hist: Counter[int], q: float) -> int | None:
     total = sum(hist.values())
     if not total:
         return None
@@ -192,7 +192,7 @@ def _percentile(hist: Counter, q: float) -> int | None:
     return int(BOUNDS[-1])
 
 
-def _summarize(fields: Counter) -> dict[str, Any]:
+def _summarize(fields: Counter[str]) -> dict[str, Any]:
     lat = Counter({int(k[4:]): v for k, v in fields.items() if k.startswith("lat:")})
     ttft = Counter({int(k[5:]): v for k, v in fields.items() if k.startswith("ttft:")})
     requests = fields["requests"]
@@ -212,8 +212,8 @@ def _summarize(fields: Counter) -> dict[str, Any]:
     }
 
 
-def _collect_local(start_m: int, end_m: int) -> tuple[dict[tuple[str, str], Counter], dict]:
-    merged: defaultdict[tuple[str, str], Counter] = defaultdict(Counter)
+def _collect_local(start_m: int, end_m: int) -> tuple[dict[tuple[str, str], Counter[str]], dict[str, Any]]:
+    merged: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     with _lock:
         for (scope, key, minute), fields in _local.items():
             if start_m <= minute <= end_m:
@@ -222,10 +222,10 @@ def _collect_local(start_m: int, end_m: int) -> tuple[dict[tuple[str, str], Coun
     return merged, labels
 
 
-def _collect_redis(client: Any, start_m: int, end_m: int) -> tuple[dict[tuple[str, str], Counter], dict]:
+def _collect_redis(client: Any, start_m: int, end_m: int) -> tuple[dict[tuple[str, str], Counter[str]], dict[str, Any]]:
     members = sorted(m.decode() for m in client.smembers(redis_key("llmmetrics", "keys")))
     labels = {k.decode(): json.loads(v) for k, v in client.hgetall(redis_key("llmmetrics", "labels")).items()}
-    merged: defaultdict[tuple[str, str], Counter] = defaultdict(Counter)
+    merged: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     minutes = range(start_m, end_m + 1)
     with client.pipeline(transaction=False) as pipe:
         for member in members:
@@ -248,16 +248,17 @@ def snapshot(start: datetime | None = None, end: datetime | None = None) -> dict
     start_m, end_m = _minutes(start, end)
     start_m = max(start_m, end_m - settings.LLM_METRICS_RETENTION_MINUTES)
     client = get_redis()
-    merged = labels = None
+    collected: tuple[dict[tuple[str, str], Counter[str]], dict[str, Any]] | None = None
     if client is not None:
         flush_sync()
         try:
-            merged, labels = _collect_redis(client, start_m, end_m)
+            collected = _collect_redis(client, start_m, end_m)
         except Exception as exc:  # noqa: BLE001 - fall back to what this process saw
             logger.warning("metrics read from Redis failed: %s", exc.__class__.__name__)
-    if merged is None:
-        merged, labels = _collect_local(start_m, end_m)
-    deployments, models, total = [], [], Counter()
+    merged, labels = collected if collected is not None else _collect_local(start_m, end_m)
+    deployments: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+    total: Counter[str] = Counter()
     for (scope, key), fields in sorted(merged.items()):
         if not fields["requests"]:
             continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from django.conf import settings
@@ -30,7 +30,7 @@ class DemoProvider:
             "without any API key."
         )
 
-    async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncIterator[TextDelta | Usage]:
+    async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
         text = self.reply_for(request.messages)
         encoding = tokens.encoding_for(upstream_model)
         token_ids = encoding.encode_ordinary(text)
@@ -92,7 +92,8 @@ def _retry_after(value: str | None) -> float | None:
 class OpenAICompatibleProvider:
     """Any OpenAI-compatible endpoint, through the official SDK with our base_url."""
 
-    def __init__(self, *, base_url: str = "", api_key: str = "", timeout: float = 60.0, client=None):
+    def __init__(self, *, base_url: str = "", api_key: str = "", timeout: float = 60.0,
+                 client: Any = None) -> None:
         import openai
 
         self.api_key = api_key or ""
@@ -102,7 +103,7 @@ class OpenAICompatibleProvider:
         self.client = client or openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none",
                                                    timeout=timeout, max_retries=0)
 
-    async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncIterator[TextDelta | Usage]:
+    async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
         """Deltas, then Usage if the upstream reported it. Failures raise LLMError (see map_error)."""
         params: dict[str, Any] = {
             "model": upstream_model,

@@ -12,7 +12,9 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from agents.llm import redis_guard
 from aiwriter.redis import get_async_redis
@@ -138,6 +140,10 @@ class _Local:
 _local = _Local()
 
 
+# The acquire script, registered once per client (clients are per event loop).
+_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 def _keys(dep: int, window: int) -> list[str]:
     return [redis_key("rl", dep, "rpm", window), redis_key("rl", dep, "rpm", window - 1),
             redis_key("rl", dep, "tpm", window), redis_key("rl", dep, "tpm", window - 1),
@@ -155,10 +161,9 @@ async def acquire(deployment_id: int, limits: Limits, *, tokens: int = 0) -> Lea
     code = None
     if client is not None:
         try:
-            script = getattr(client, "_aiw_ratelimit_script", None)
+            script = _scripts.get(client)
             if script is None:
-                script = client.register_script(_ACQUIRE)
-                client._aiw_ratelimit_script = script  # one registration per client (clients are per loop)
+                script = _scripts[client] = client.register_script(_ACQUIRE)
             code = int(await script(keys=_keys(deployment_id, window), args=[
                 now, wprev, limits.rpm or 0, limits.tpm or 0, tokens, limits.concurrency or 0, lease_id,
                 limits.lease_seconds]))
@@ -180,6 +185,8 @@ async def settle(lease: Lease, limits: Limits, *, actual_tokens: int | None = No
     extra = max(0, (actual_tokens or 0) - lease.tokens) if limits.tpm else 0
     if lease.redis:
         client = get_async_redis()
+        if client is None:  # Redis switched off since the lease was taken: the lease expires by itself
+            return
         try:
             async with client.pipeline(transaction=False) as pipe:
                 if limits.concurrency:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -102,7 +103,7 @@ def clear() -> None:
         _routes.clear()
 
 
-def _on_change(sender, **kwargs) -> None:
+def _on_change(sender: Any, **kwargs: Any) -> None:
     clear()
 
 

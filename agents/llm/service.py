@@ -19,7 +19,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Set
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -81,7 +81,7 @@ class _Call:
 
 # --- entry points ---------------------------------------------------------------------------
 
-async def stream(request: ChatRequest, *, whole: bool = False) -> AsyncIterator[TextDelta | ChatResult]:
+async def stream(request: ChatRequest, *, whole: bool = False) -> AsyncGenerator[TextDelta | ChatResult, None]:
     """TextDelta items, then exactly one ChatResult. Raises LLMError.
 
     whole=True is complete() as a generator (for callers that meter, drain or close it): no TextDelta, only
@@ -105,7 +105,7 @@ async def complete(request: ChatRequest) -> ChatResult:
 
 # --- the call -------------------------------------------------------------------------------
 
-async def _run(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta | ChatResult]:
+async def _run(request: ChatRequest, *, whole: bool) -> AsyncGenerator[TextDelta | ChatResult, None]:
     """_serve, counted once in the total metrics however many models it went through."""
     started = time.monotonic()
     looked_up = cache.cacheable(request)
@@ -127,7 +127,7 @@ async def _run(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta 
         raise
 
 
-async def _serve(request: ChatRequest, *, whole: bool) -> AsyncIterator[TextDelta | ChatResult]:
+async def _serve(request: ChatRequest, *, whole: bool) -> AsyncGenerator[TextDelta | ChatResult, None]:
     call = _Call(request, whole)
     key = cache.cache_key(request) if cache.cacheable(request) else None
     if key is not None:
@@ -183,7 +183,7 @@ def _falls_back(exc: LLMError) -> bool:
 
 
 async def _run_model(call: _Call, request: ChatRequest, model_name: str, *,
-                     timeout: float | None) -> AsyncIterator[TextDelta | ChatResult]:
+                     timeout: float | None) -> AsyncGenerator[TextDelta | ChatResult, None]:
     """One public model: attempts across its deployments until one succeeds or the budget is spent."""
     route = await registry.get_route(model_name)
     if not route.deployments:
@@ -233,7 +233,7 @@ def _candidates(route: ModelRoute, tried: Counter[int]) -> list[DeploymentInfo]:
     return [d for d in healthy if not tried[d.id]] or healthy
 
 
-def _choose(route: ModelRoute, tried: Counter[int], refused: set[int] = frozenset()) -> DeploymentInfo:
+def _choose(route: ModelRoute, tried: Counter[int], refused: Set[int] = frozenset()) -> DeploymentInfo:
     candidates = [d for d in _candidates(route, tried) if d.id not in refused]
     if not candidates:
         raise RateLimited(f"All deployments of '{route.name}' are at their rate limits.")
@@ -287,7 +287,8 @@ def _reason(refused: set[int], route: ModelRoute) -> str:
 
 
 async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deployment: DeploymentInfo,
-                   lease: ratelimit.Lease, deadline: float | None) -> AsyncIterator[TextDelta | ChatResult]:
+                   lease: ratelimit.Lease, deadline: float | None) -> AsyncGenerator[TextDelta | ChatResult, None]:
+    unsettled: ratelimit.Lease | None = lease  # settled once: with the real tokens on success, else in `finally`
     adapter = clients.adapter_for(deployment)
     circuit = breaker.get(deployment.id, threshold=deployment.breaker_threshold, recovery=deployment.breaker_recovery)
     limits = ratelimit.limits_for(deployment.rpm, deployment.tpm, deployment.max_concurrency, deployment.timeout)
@@ -374,15 +375,15 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
             attempts=list(call.attempts),
         )
         await ratelimit.settle(lease, limits, actual_tokens=usage.total_tokens)
-        lease = None
+        unsettled = None
         yield result
     finally:
         balancer.release(deployment.id)
         if not verdict:
             circuit.release_trial()
         await upstream.aclose()
-        if lease is not None:
-            await ratelimit.settle(lease, limits, actual_tokens=call._prompt_tokens)
+        if unsettled is not None:
+            await ratelimit.settle(unsettled, limits, actual_tokens=call._prompt_tokens)
 
 
 def _deadline_error(request: ChatRequest) -> UpstreamTimeout:

@@ -24,7 +24,7 @@ _PREFIXES = (
 
 
 @lru_cache(maxsize=8)
-def _encoding(name: str):
+def _encoding(name: str) -> Any:  # bpe_openai has no type information
     return bpe_openai.get_encoding(name)
 
 
