@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status, viewsets
 from rest_framework.permissions import IsAdminUser
@@ -26,7 +29,10 @@ class _StaffViewSet(viewsets.ModelViewSet):
 
     permission_classes = [IsAdminUser]
     http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
-    create_service = update_service = delete_service = None
+    # The writes, in agents/services.py; each subclass names its own.
+    create_service: Callable[..., Any] | None = None
+    update_service: Callable[..., Any] | None = None
+    delete_service: Callable[..., Any] | None = None
 
     def perform_create(self, serializer):
         serializer.instance = type(self).create_service(**serializer.validated_data)

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 class ApiError(exceptions.APIException):
     """A client-facing error with a machine-readable code. Raise it from services."""
 
-    status_code = status.HTTP_400_BAD_REQUEST
+    status_code: int = status.HTTP_400_BAD_REQUEST
     code = "bad_request"
     message = "Bad request."
     retryable = False
@@ -121,10 +121,12 @@ def api_exception_handler(exc, context) -> Response | None:
         if isinstance(exc, exceptions.ValidationError):
             body["error"]["fields"] = exc.detail
         headers = {}
-        if getattr(exc, "auth_header", None):
-            headers["WWW-Authenticate"] = exc.auth_header
-        if getattr(exc, "wait", None):
-            headers["Retry-After"] = str(int(exc.wait) + 1)
+        auth_header = getattr(exc, "auth_header", None)  # set by DRF's authentication on 401s
+        if auth_header:
+            headers["WWW-Authenticate"] = auth_header
+        wait = getattr(exc, "wait", None)  # Throttled's seconds to wait (not in its type stubs)
+        if wait:
+            headers["Retry-After"] = str(int(wait) + 1)
         return Response(body, status=exc.status_code, headers=headers)
     return None
 
