@@ -24,7 +24,7 @@ def test_the_hold_keeps_the_call_meta_and_reconcile_reads_back_the_same():
     assert meta == CallMeta(user_id=user.pk, entry_point="writer", project="p1", api_key_id=api_key.pk,
                             workflow_type="topics")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        meta.user_id = 0  # type: ignore[misc]
+        meta.user_id = 0
 
     plan = begin_call(ctx=ctx, request=ChatRequest(model=model.name, messages=[], max_tokens=5))
     context = Reservation.objects.get(pk=plan.reservation_id).context
