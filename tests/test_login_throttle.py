@@ -4,11 +4,17 @@ well as per address (issue 12, item 3)."""
 
 from __future__ import annotations
 
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+
 import pytest
 
 from aiwriter.clientaddr import address_from, client_address
 from aiwriter.pages import LOGIN_MAX_FAILURES, LOGIN_MAX_FAILURES_PER_ADDRESS, LOGIN_MAX_FAILURES_PER_USERNAME
 from tests.factories import make_user
+from tests.fixtures_chat import run_daphne
 
 pytestmark = pytest.mark.django_db
 
@@ -82,3 +88,42 @@ def test_client_address_reads_the_request(rf, settings):
     settings.TRUSTED_PROXY_COUNT = 1
     request = rf.get("/", REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="6.6.6.6,198.51.100.7")
     assert client_address(request) == "198.51.100.7"
+
+
+def _login_over_http(base_url: str, body: dict, forwarded_for: str) -> int:
+    """One login POST to a real server, with the CSRF cookie and token its login page hands out."""
+    with urllib.request.urlopen(base_url + "/accounts/login/", timeout=10) as page:
+        cookie = next(value.split(";")[0] for name, value in page.headers.items()
+                      if name.lower() == "set-cookie" and value.startswith("csrftoken="))
+        token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page.read()).group(1).decode()
+    request = urllib.request.Request(
+        base_url + "/accounts/login/", data=urllib.parse.urlencode({**body, "csrfmiddlewaretoken": token}).encode(),
+        headers={"Cookie": cookie, "X-Forwarded-For": forwarded_for})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize("proxy_count", ["0", "1"])
+def test_spoofed_addresses_against_daphne_with_proxy_headers(transactional_db, proxy_count):
+    """The deployment the issue found: daphne --proxy-headers (the leftmost X-Forwarded-For becomes the peer),
+    12 wrong passwords each claiming another address. With TRUSTED_PROXY_COUNT=0 the per-username count stops
+    them after 10; with 1, the entry our proxy appended counts and the pair stops them after 5."""
+    from django.conf import settings
+
+    if not settings.IS_POSTGRES:
+        pytest.skip("a daphne process needs PostgreSQL (DATABASE_URL)")
+    make_user("alice")
+    limit = LOGIN_MAX_FAILURES if proxy_count == "1" else LOGIN_MAX_FAILURES_PER_USERNAME
+    with run_daphne({"TRUSTED_PROXY_COUNT": proxy_count}, daphne_args=["--proxy-headers"]) as base_url:
+        codes = [_login_over_http(base_url, WRONG, f"203.0.113.{n}, 198.51.100.7") for n in range(12)]
+    assert codes == [200] * limit + [429] * (12 - limit)
