@@ -34,7 +34,8 @@ _ALWAYS = {
 }
 _AUTHENTICATED = {
     "401": "No or invalid credentials.",
-    "403": "Authenticated but not allowed (staff only, or a session write without a CSRF token).",
+    "403": "Authenticated but not allowed (staff only, a session write without a CSRF token, or API keys managed "
+           "with an API key: `key_management_requires_session`).",
 }
 _WRITES = {
     "409": "Conflict with the current state (busy conversation, reused idempotency key, duplicate).",

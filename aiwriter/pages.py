@@ -6,6 +6,8 @@ websocket with the session cookie (and the CSRF token for writes).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -21,9 +23,16 @@ from django.urls import include, path
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from agents.models import Agent
+from aiwriter.clientaddr import client_address
 
-# Login throttling: this many failed logins per client address and username in the window locks that pair out.
+logger = logging.getLogger(__name__)
+
+# Login throttling, per window: failed logins for one username from one client address lock that pair out;
+# for one username from anywhere lock the username out (an attacker rotating addresses); from one address for
+# any usernames lock the address out (one address trying many accounts). The address is clientaddr's.
 LOGIN_MAX_FAILURES = 5
+LOGIN_MAX_FAILURES_PER_USERNAME = 10
+LOGIN_MAX_FAILURES_PER_ADDRESS = 30
 LOGIN_WINDOW_SECONDS = 15 * 60
 
 
@@ -46,35 +55,51 @@ def account(request: HttpRequest) -> HttpResponse:
     return render(request, "account/index.html", {"page_config": {"currency": settings.CURRENCY}})
 
 
-def _failure_key(request: HttpRequest) -> str:
-    username = (request.POST.get("username") or "").strip().lower()
-    return f"login-failures:{request.META.get('REMOTE_ADDR', '')}:{username}"
+def _failure_counters(request: HttpRequest) -> dict[str, int]:
+    """The cache keys counting this try's failures, each with its limit."""
+    # Hashed: a cache key must not carry whatever the form was sent (spaces, control characters, any length).
+    username = hashlib.sha256((request.POST.get("username") or "").strip().lower().encode()).hexdigest()[:32]
+    address = client_address(request)
+    return {
+        f"login-failures:pair:{address}:{username}": LOGIN_MAX_FAILURES,
+        f"login-failures:user:{username}": LOGIN_MAX_FAILURES_PER_USERNAME,
+        f"login-failures:addr:{address}": LOGIN_MAX_FAILURES_PER_ADDRESS,
+    }
+
+
+def _count_failure(key: str) -> None:
+    cache.add(key, 0, LOGIN_WINDOW_SECONDS)
+    try:
+        cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, LOGIN_WINDOW_SECONDS)
 
 
 def throttle_logins(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Wraps a login view: after LOGIN_MAX_FAILURES failed tries for one address and username, refuse for a while.
+    """Wraps a login view: past a limit of failed tries (per address and username, per username, per address)
+    refuse for a while (429).
 
-    A POST answered with the form again (200) is a failed try; a redirect is a success and clears the count.
-    The count lives in the shared cache, so it holds across processes when REDIS_URL is set.
+    A POST answered with the form again (200) is a failed try; a redirect is a success and clears the counts
+    of that username (not the address's: logging in to one's own account must not reset a spray from there).
+    The counts live in the shared cache, so they hold across processes when REDIS_URL is set.
     """
 
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if request.method != "POST":
             return view(request, *args, **kwargs)
-        key = _failure_key(request)
-        if cache.get(key, 0) >= LOGIN_MAX_FAILURES:
+        counters = _failure_counters(request)
+        counts = cache.get_many(list(counters))
+        if any(counts.get(key, 0) >= limit for key, limit in counters.items()):
+            logger.warning("login throttled for address %s", client_address(request))
             return render(request, "registration/throttled.html", {"minutes": LOGIN_WINDOW_SECONDS // 60},
                           status=429)
         response = view(request, *args, **kwargs)
         if response.status_code == 200:
-            cache.add(key, 0, LOGIN_WINDOW_SECONDS)
-            try:
-                cache.incr(key)
-            except ValueError:  # expired between add and incr
-                cache.set(key, 1, LOGIN_WINDOW_SECONDS)
+            for key in counters:
+                _count_failure(key)
         elif response.status_code == 302:
-            cache.delete(key)
+            cache.delete_many([key for key in counters if not key.startswith("login-failures:addr:")])
         return response
 
     return wrapper

@@ -215,6 +215,11 @@ CONTENT_SECURITY_POLICY_ADMIN = env_str("CONTENT_SECURITY_POLICY_ADMIN",
                                         f"{_CSP_REST}")
 if env_bool("BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# How many reverse proxies in front of daphne append to X-Forwarded-For; the client is the Nth entry from the
+# right. 0: ignore the header and use the socket's peer (aiwriter/clientaddr.py, docs/deploy.md).
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
+if TRUSTED_PROXY_COUNT < 0:
+    raise ImproperlyConfigured("TRUSTED_PROXY_COUNT must be 0 or more.")
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 1_048_576)
 
 # --- REST framework -------------------------------------------------------------

@@ -18,6 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from aiwriter.errors import ApiError
+from aiwriter.ws_auth import credential_is_live
 from conversations import selectors, services
 from conversations.generation import error_frame, run_exchange
 
@@ -169,6 +170,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.user is None or not self.user.is_authenticated:
             return
         try:
+            # A key revoked or expired, a user deactivated or logged out since the socket opened: refuse this
+            # frame and close, whichever process made the change (docs/chat.md).
+            if not await self._credential_holds():
+                return
             frame = self._parse(text_data, bytes_data)
             handler = {"message": self._on_message, "cancel": self._on_cancel,
                        "subscribe": self._on_subscribe}.get(frame.get("type"))
@@ -280,13 +285,30 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- events from the channel layer ------------------------------------------------------------
 
     async def chat_frame(self, event: dict[str, Any]) -> None:
-        if event.get("origin") != self.channel_name:  # the asking socket had it directly
-            await self._send_json(event["frame"])
+        if event.get("origin") == self.channel_name:  # the asking socket had it directly
+            return
+        if self.user is None:  # closed for a dead credential: frames already queued are not for it
+            return
+        frame = event["frame"]
+        # A subscribed socket that never sends a frame re-checks its credential once per exchange it watches.
+        if frame.get("type") == "status" and frame.get("status") == "thinking" and not await self._credential_holds():
+            return
+        await self._send_json(frame)
 
     async def chat_cancel(self, event: dict[str, Any]) -> None:
         self._cancel_local(event["conversation"])
 
     # --- helpers ----------------------------------------------------------------------------------
+
+    async def _credential_holds(self) -> bool:
+        """True if the socket's credential is still valid; else tells the client, closes with 4401, False."""
+        if await database_sync_to_async(credential_is_live)(self.user, self.api_key, self.scope.get("session")):
+            return True
+        self.user = None  # nothing more is done for this socket, even for frames already received
+        await self._send_json(error_frame("authentication_failed", "This socket's API key was revoked or has "
+                                          "expired, or its session ended; connect again with a valid one.", False))
+        await self.close(code=CLOSE_UNAUTHENTICATED)
+        return False
 
     def _cancel_local(self, conversation_id: int) -> None:
         task = self.generations.get(conversation_id)

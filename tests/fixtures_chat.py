@@ -72,7 +72,7 @@ def second_live_server_daphne(live_server_daphne, live_server_daphne_env):
 
 
 @contextmanager
-def run_daphne(extra_env: dict[str, str] | None = None) -> Iterator[str]:
+def run_daphne(extra_env: dict[str, str] | None = None, daphne_args: list[str] | None = None) -> Iterator[str]:
     """A daphne process serving aiwriter.asgi on a free loopback port; yields its base URL, stops it after."""
     # Bind here and hand the listening socket to daphne (--fd): no race for the port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -91,7 +91,7 @@ def run_daphne(extra_env: dict[str, str] | None = None) -> Iterator[str]:
     }
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), "aiwriter.asgi:application"],
+        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), *(daphne_args or []), "aiwriter.asgi:application"],
         cwd=str(settings.BASE_DIR), env=env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT,
     )
     sock.close()

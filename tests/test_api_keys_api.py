@@ -1,11 +1,12 @@
 """/api/keys/: a user's own API keys; the raw key is shown once; another user's key is a 404."""
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.utils import timezone
 
-from tests.factories import make_api_key, make_user
+from tests.factories import make_api_key, make_model, make_user
 from usage.models import ApiKey
 
 pytestmark = pytest.mark.django_db
@@ -46,3 +47,51 @@ def test_bob_cannot_see_or_revoke_alices_key(api_client):
 
 def test_anonymous_is_401(api_client):
     assert api_client.get("/api/keys/").status_code == 401
+
+
+# --- Keys are managed from a session, never with a key (issue 12, item 1) ---------------------------------------------
+
+def _limited_key(user, model):
+    """A key with every limit there is: one model, rpm, tpm, a budget, a project and an expiry."""
+    key, raw = make_api_key(user, project="acme", expires_at=timezone.now() + timedelta(days=1))
+    key.allowed_models.set([model])
+    ApiKey.objects.filter(pk=key.pk).update(rpm=2, tpm=100, monthly_budget=Decimal("1"))
+    return key, raw
+
+
+def _refused(response) -> bool:
+    return response.status_code == 403 and response.json()["error"]["code"] == "key_management_requires_session"
+
+
+def test_a_restricted_key_cannot_mint_list_or_revoke_keys(api_client):
+    alice = make_user("alice")
+    limited, raw = _limited_key(alice, make_model("cheap"))
+    other, _ = make_api_key(alice, name="laptop")
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert _refused(api_client.post("/api/keys/", {"name": "escape"}, format="json"))
+    assert _refused(api_client.get("/api/keys/"))
+    assert _refused(api_client.delete(f"/api/keys/{other.pk}/"))
+    assert _refused(api_client.delete(f"/api/keys/{limited.pk}/"))
+    # Nothing was made or revoked.
+    assert set(ApiKey.objects.values_list("pk", flat=True)) == {limited.pk, other.pk}
+    assert not ApiKey.objects.filter(revoked_at__isnull=False).exists()
+    # The key itself still works for what it is for.
+    assert api_client.get("/api/me/").json()["username"] == "alice"
+
+
+def test_an_unrestricted_key_and_a_staff_key_cannot_manage_keys_either(api_client):
+    for user in (make_user(), make_user(staff=True)):
+        _, raw = make_api_key(user)
+        api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+        assert _refused(api_client.post("/api/keys/", {"name": "k"}, format="json"))
+        assert _refused(api_client.get("/api/keys/"))
+    assert ApiKey.objects.count() == 2
+
+
+def test_a_signed_in_session_manages_keys(client):
+    alice = make_user("alice")
+    client.force_login(alice)
+    created = client.post("/api/keys/", {"name": "ci"}, content_type="application/json")
+    assert created.status_code == 201
+    assert [k["name"] for k in client.get("/api/keys/").json()] == ["ci"]
+    assert client.delete(f"/api/keys/{created.json()['id']}/").status_code == 204

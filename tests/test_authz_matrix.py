@@ -8,7 +8,9 @@ test_every_route_is_classified with what to add. Then, for every route and metho
 
 - no credentials → 401 (our error shape on /api and /metrics, OpenAI's on /v1);
 - a staff route, called by a signed-in normal user → 403; any other route lets that user in;
-- a route with a user-owned object in the URL, called by another user → 404 (the same as a missing object).
+- a route with a user-owned object in the URL, called by another user → 404 (the same as a missing object);
+- a session-only route (permission SessionOnly: API key management), called with an API key → 403
+  `key_management_requires_session`, even with the key's own user's objects.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rest_framework.views import APIView
 from conversations.models import Conversation, Message
 from tests.factories import make_agent, make_api_key, make_model, make_provider, make_user
 from usage.models import ApiKey
+from usage.permissions import SessionOnly
 
 pytestmark = pytest.mark.django_db
 
@@ -62,6 +65,7 @@ class Route:
     kwargs: list[str]
     placeholders: dict[str, object]  # a value of the right form for each kwarg: 0 for <int:…>, else "matrix"
     access: str = ""  # public, user, staff, openai, fallback
+    session_only: bool = False  # a signed-in session, never an API key (SessionOnly)
     methods: tuple[str, ...] = ()
     problems: list[str] = field(default_factory=list)
 
@@ -103,6 +107,7 @@ def _classify(route: Route) -> None:
             route.access = "staff"
         elif permissions and all(issubclass(p, IsAuthenticated) for p in permissions):
             route.access = "user"
+            route.session_only = any(issubclass(p, SessionOnly) for p in permissions)
         else:
             route.problems.append(f"{route.path}: permission_classes {permissions} are not known to the matrix")
     else:
@@ -280,3 +285,21 @@ def test_another_users_object_is_404(client, catalogue):
     for route in owned_routes:
         if "get" in route.methods:
             assert _call(client, "get", route.url(**alices)).status_code == 200, route.path
+
+
+def test_session_only_routes_refuse_an_api_key(client, catalogue):
+    """A key, however limited, cannot manage keys: otherwise it could mint one without its limits (issue 12)."""
+    session_only = [r for r in ROUTES if r.session_only]
+    assert {"/api/keys/", "/api/keys/<key_id>/"} <= {r.path for r in session_only}
+    alice = make_user("alice")
+    own = _owned_objects(alice, catalogue)  # her own objects: the refusal is about the credential, not the object
+    _, raw = make_api_key(alice)
+    failures = []
+    for route in session_only:
+        for method in route.methods:
+            response = _call(client, method, route.url(**own), Authorization=f"Bearer {raw}")
+            if response.status_code != 403 or not _is_our_error(response, "key_management_requires_session"):
+                failures.append(f"{method.upper()} {route.path} with an API key: {response.status_code} "
+                                f"{response.content[:120]!r}, expected 403 key_management_requires_session")
+    _report(failures)
+    assert ApiKey.objects.filter(user=alice).count() == 2 and not ApiKey.objects.filter(revoked_at__isnull=False)

@@ -141,6 +141,12 @@ def test_users_cannot_write_balance_quota_or_prices(api_client):
     api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
     for url in ("/api/usage/balance/", "/api/usage/quota/", "/api/usage/ledger/"):
         assert api_client.post(url, {"balance": "1000"}, format="json").status_code == 405
+    # Nor mint a key (keys are managed from a session: test_api_keys_api.py); a session's new key has no limits
+    # set by the body either: limits are set by staff in the admin.
+    response = api_client.post("/api/keys/", {"name": "k", "monthly_budget": "9999", "rpm": 1}, format="json")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "key_management_requires_session"
+    api_client.credentials()
+    api_client.force_authenticate(user)
     response = api_client.post("/api/keys/", {"name": "k", "monthly_budget": "9999", "rpm": 1}, format="json")
     assert response.status_code == 201 and response.json()["monthly_budget"] is None
     assert response.json()["rpm"] is None

@@ -82,7 +82,6 @@ def test_bearer_key_writes_need_no_csrf_token():
     agent = make_agent()
     client = Client(enforce_csrf_checks=True)
     auth = {"Authorization": account.auth}
-    assert _json_post(client, "/api/keys/", {"name": "ci"}, **auth).status_code == 201
     assert _json_post(client, "/api/conversations/", {"agent": agent.slug}, **auth).status_code == 201
     assert _json_post(client, "/v1/chat/completions", {}, **auth).status_code == 400  # refused for the body only
 
@@ -202,7 +201,7 @@ def test_bearer_key_never_leaks(fake_upstream, debug_log):
 
     # Successes: the REST API, a chat message, the writer, /v1 (plain and streamed).
     call("get", "/api/me/", expect=200, **auth)
-    call("get", "/api/keys/", expect=200, **auth)
+    call("get", "/api/keys/", expect=403, **auth)  # keys are managed from a session, not with a key
     conversation = client.post("/api/conversations/", {"agent": "leak-agent"}, content_type="application/json",
                                headers=auth).json()
     call("post", f"/api/conversations/{conversation['id']}/messages/", {"content": "hi"}, expect=201, **auth)

@@ -21,6 +21,7 @@ from usage import debug, selectors, services
 from usage.models import ApiKey
 from usage.money import to_cents
 from usage.periods import local_day
+from usage.permissions import SessionOnly
 from usage.serializers import (
     STATS_SCHEMA,
     AdminDebugLogSerializer,
@@ -273,8 +274,11 @@ class DebugRunView(_DebugView):
 
 
 # --- The user's own API keys ----------------------------------------------------------------------------------------
+# Managed from a session only: a request made with an API key gets 403 key_management_requires_session.
 
 class ApiKeyListView(APIView):
+    permission_classes = [SessionOnly]
+
     @extend_schema(responses=ApiKeySerializer(many=True))
     def get(self, request):
         keys = ApiKey.objects.filter(user=request.user).order_by("-created_at", "-id")
@@ -290,6 +294,8 @@ class ApiKeyListView(APIView):
 
 
 class ApiKeyDetailView(APIView):
+    permission_classes = [SessionOnly]
+
     @extend_schema(responses={204: None})
     def delete(self, request, key_id: int):
         api_key = ApiKey.objects.filter(user=request.user, pk=key_id).first()
