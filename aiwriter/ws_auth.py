@@ -57,5 +57,5 @@ def credential_is_live(user, api_key: ApiKey | None, session) -> bool:
     if not session_key or user is None:
         return False
     store = import_module(settings.SESSION_ENGINE).SessionStore(session_key=session_key)
-    current = auth.get_user(SimpleNamespace(session=store))  # AnonymousUser unless the session still holds
+    current = auth.get_user(SimpleNamespace(session=store))  # type: ignore[arg-type]  # AnonymousUser unless the session still holds
     return current.is_authenticated and current.pk == user.pk

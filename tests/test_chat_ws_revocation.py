@@ -186,7 +186,7 @@ def test_revocation_over_http_closes_a_socket_on_a_real_daphne(live_server_daphn
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
 
-    async def scenario() -> tuple[dict, int]:
+    async def scenario() -> tuple[dict, int | None]:
         headers = {"Origin": live_server_daphne, "Authorization": f"Bearer {raw}"}
         async with websockets.connect(ws_url, additional_headers=headers, open_timeout=5) as socket:
             assert await asyncio.to_thread(revoke_over_http) == 204

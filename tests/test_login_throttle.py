@@ -95,7 +95,9 @@ def _login_over_http(base_url: str, body: dict, forwarded_for: str) -> int:
     with urllib.request.urlopen(base_url + "/accounts/login/", timeout=10) as page:
         cookie = next(value.split(";")[0] for name, value in page.headers.items()
                       if name.lower() == "set-cookie" and value.startswith("csrftoken="))
-        token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page.read()).group(1).decode()
+        found = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page.read())
+        assert found is not None
+        token = found.group(1).decode()
     request = urllib.request.Request(
         base_url + "/accounts/login/", data=urllib.parse.urlencode({**body, "csrfmiddlewaretoken": token}).encode(),
         headers={"Cookie": cookie, "X-Forwarded-For": forwarded_for})
