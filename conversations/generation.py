@@ -226,25 +226,39 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                 code, text = "internal_error", "Internal error while generating the reply."
             values = dict(status=Message.Status.ERROR, content="".join(parts), error_code=code, error_message=text)
             final = error_frame(code, text, True, reply.pk)
-        await _stop(heartbeat)
+        # The final frame, then the final write and the lock's release, shielded: a cancel (or disconnect) that
+        # arrives once the outcome is known must not cut them short.
+        ending = asyncio.ensure_future(_end(exchange, reply, heartbeat, emit, final, values))
         try:
-            # The final frame first: the write after it may fail (and is then retried in the background).
-            await _emit_quietly(emit, final)
-        finally:
-            if not await _finish_or_defer(exchange, values):
-                _apply(reply, values)
-                # REST has no frame to tell the outcome: 503 (retryable); the reply is stored once the database
-                # is back, and a retry with the same client_id gets it.
-                exchange.extra["error"] = ApiError(
-                    "The database is unavailable; try again.", code="database_unavailable", status_code=503,
-                    retryable=True, extra={"message_id": reply.pk, "status": Message.Status.PROCESSING})
+            await asyncio.shield(ending)
+        except asyncio.CancelledError as exc:
+            await ending
+            cancelled = cancelled or exc
         if cancelled is not None:
             raise cancelled
     finally:
         await _stop(heartbeat)
-        await sync_to_async(services.release_lock)(exchange)
+        if exchange.lock is not None:  # not reached the end (a bug below us): still free the conversation
+            await sync_to_async(services.release_lock)(exchange)
         await _record_key_tokens(api_key, reply)
     return reply
+
+
+async def _end(exchange: Exchange, reply: Message, heartbeat: asyncio.Task, emit: Emit, final: dict[str, Any],
+               values: dict[str, Any]) -> None:
+    await _stop(heartbeat)
+    try:
+        # The final frame first: the write after it may fail (and is then retried in the background).
+        await _emit_quietly(emit, final)
+    finally:
+        if not await _finish_or_defer(exchange, values):
+            _apply(reply, values)
+            # REST has no frame to tell the outcome: 503 (retryable); the reply is stored once the database
+            # is back, and a retry with the same client_id gets it.
+            exchange.extra["error"] = ApiError(
+                "The database is unavailable; try again.", code="database_unavailable", status_code=503,
+                retryable=True, extra={"message_id": reply.pk, "status": Message.Status.PROCESSING})
+        await sync_to_async(services.release_lock)(exchange)
 
 
 def _apply(reply: Message, values: dict[str, Any]) -> None:
