@@ -41,6 +41,9 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # live generation never outlives its lease, while a dead one frees it within CONVERSATION_LOCK_SECONDS.
 CHECKPOINT_SECONDS = 2.0
 
+# The final frame waits at most this long for the reply's final write (a hung database never holds it back).
+FINAL_FRAME_WAIT_SECONDS = 1.0
+
 CANCELLED_TEXT = "Stopped before the reply was complete."
 
 
@@ -130,10 +133,10 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                        emit: Emit | None = None) -> Message:
     """Generates the reply of a begun exchange; returns it in its final state. Re-raises cancellation.
 
-    Whatever fails, exactly one final frame (`done` or `error`) is emitted, and before the final database write:
-    a database outage can delay that write (it is retried in the background, `aiwriter.deferred`), never the
-    frame. While it runs, a heartbeat renews the generation's lease (lock, slot) and checkpoints its text; a
-    failed heartbeat is logged and the stream goes on.
+    Whatever fails, exactly one final frame (`done` or `error`) is emitted, and it never depends on the final
+    database write: a database outage can delay that write (retried in the background, `aiwriter.deferred`), never
+    the frame (`_end`). While it runs, a heartbeat renews the generation's lease (lock, slot) and checkpoints its
+    text; a failed heartbeat is logged and the stream goes on.
     """
     emit = emit or _no_emit
     reply = exchange.reply
@@ -180,6 +183,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         except ApiError as exc:
             # InsufficientBalance / QuotaExceeded / KeyBudgetExceeded: raised before the model is called.
             values = dict(status=Message.Status.INSUFFICIENT_BALANCE, error_message=exc.message, error_code=exc.code)
+            _apply(reply, values)
             exchange.extra["error"] = _api_error(exc.code, exc.message, exc.status_code, exc.retryable, reply)
             final = error_frame(exc.code, exc.message, exc.retryable, reply.pk)
         except LLMError as exc:
@@ -199,6 +203,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             cost = getattr(record, "cost", None) or Decimal("0")
             values = dict(status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
                           error_code=exc.code, cost=cost, **fields)
+            _apply(reply, values)
             # The upstream refusing our request (4xx) is not the client's mistake: 502 for those.
             http_status = exc.http_status if exc.http_status in (429, 502, 503, 504) else 502
             exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, exc.retryable, reply)
@@ -246,12 +251,16 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
 
 async def _end(exchange: Exchange, reply: Message, heartbeat: asyncio.Task, emit: Emit, final: dict[str, Any],
                values: dict[str, Any]) -> None:
+    """The final frame and the final write. The frame never waits on the database: it goes out when the write
+    is done (so a client that reads right after `done` sees the stored reply), when the write failed (it is
+    then retried in the background), or after FINAL_FRAME_WAIT_SECONDS, whichever comes first."""
     await _stop(heartbeat)
+    write = asyncio.ensure_future(_finish_or_defer(exchange, values))
     try:
-        # The final frame first: the write after it may fail (and is then retried in the background).
-        await _emit_quietly(emit, final)
+        await asyncio.wait([write], timeout=FINAL_FRAME_WAIT_SECONDS)
     finally:
-        if not await _finish_or_defer(exchange, values):
+        await _emit_quietly(emit, final)
+        if not await write:
             _apply(reply, values)
             # REST has no frame to tell the outcome: 503 (retryable); the reply is stored once the database
             # is back, and a retry with the same client_id gets it.
