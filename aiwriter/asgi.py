@@ -11,11 +11,20 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from aiwriter.observability import track_websockets  # noqa: E402
 from aiwriter.routing import websocket_urlpatterns  # noqa: E402
 from aiwriter.ws_auth import WebsocketAuthMiddleware  # noqa: E402
+from conversations import sweeper  # noqa: E402
 
-application = ProtocolTypeRouter(
+router = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": track_websockets(
             AllowedHostsOriginValidator(WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns)))),
     }
 )
+
+
+async def application(scope, receive, send):
+    # Every server process runs its own sweeper (dead generations' locks, slots and holds), started on its first
+    # connection: `make run` and each deployed process get it without cron (SWEEPER_INTERVAL_SECONDS).
+    if scope["type"] != "lifespan":
+        sweeper.start()
+    return await router(scope, receive, send)

@@ -263,7 +263,12 @@ CUTOFF_DRAIN_MAX_SECONDS = env_float("CUTOFF_DRAIN_MAX_SECONDS", 10.0)
 
 MAX_CONCURRENT_CONVERSATIONS = env_int("MAX_CONCURRENT_CONVERSATIONS", 3)
 CONVERSATION_DEDUPE_SECONDS = env_int("CONVERSATION_DEDUPE_SECONDS", 300)
-CONVERSATION_LOCK_SECONDS = env_int("CONVERSATION_LOCK_SECONDS", 600)
+# A generation's lease: its lock, concurrency slot and hold live this long without a heartbeat (the generation
+# renews it every 2 s), so a dead generation frees them within seconds. The sweeper runs in every server process.
+CONVERSATION_LOCK_SECONDS = env_int("CONVERSATION_LOCK_SECONDS", 15)
+SWEEPER_INTERVAL_SECONDS = env_float("SWEEPER_INTERVAL_SECONDS", 5.0)  # 0: no in-process sweeper
+# How long a final write (a reply's state, a served call's record) is retried while the database is unreachable.
+DEFERRED_WRITE_SECONDS = env_float("DEFERRED_WRITE_SECONDS", 300.0)
 MAX_MESSAGE_CHARS = env_int("MAX_MESSAGE_CHARS", 32_000)
 # OpenAI-compatible /v1 request limits (the whole body is capped by MAX_REQUEST_BYTES, 413 above it).
 OPENAI_MAX_MESSAGES = env_int("OPENAI_MAX_MESSAGES", 256)

@@ -230,6 +230,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         new = frame.get("new", False)
         if not isinstance(new, bool):
             raise BadFrame("`new` must be true or false.")
+        previous = self.generations.get(conversation_id) if conversation_id is not None else None
+        if previous is not None and getattr(previous, "told", False):
+            # Its final frame is out and its final write under way: a message sent right after `done` waits for
+            # that write (milliseconds) instead of meeting the old reply's lock.
+            await asyncio.wait([previous], timeout=DISCONNECT_GRACE_SECONDS)
         exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id,
                                                              new)
         group = group_name(exchange.conversation.pk)
@@ -251,7 +256,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                                        client_id=client_id, api_key=self.api_key)
 
     async def _generate(self, exchange: services.Exchange, group: str, direct: bool = False) -> None:
-        sender = GroupSender(self.channel_layer, group, origin=self.channel_name, deliver=self._send_json,
+        task = asyncio.current_task()
+
+        async def deliver(frame: dict[str, Any]) -> None:
+            if frame.get("type") in ("done", "error"):
+                task.told = True  # type: ignore[union-attr]  # the final frame: what remains is the final write
+            await self._send_json(frame)
+
+        sender = GroupSender(self.channel_layer, group, origin=self.channel_name, deliver=deliver,
                              to_group=not direct)
         try:
             await run_exchange(exchange, user=self.user, entry_point="ws", api_key=self.api_key, emit=sender.emit)

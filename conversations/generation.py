@@ -16,11 +16,15 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import Error as DatabaseError
+from django.db import InterfaceError, OperationalError
 
 from agents.llm import errors as llm_errors
 from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from agents.openai_compat import keylimits
+from aiwriter import deferred
 from aiwriter.errors import ApiError
 from conversations import prompt, services
 from conversations.models import Message
@@ -33,9 +37,13 @@ logger = logging.getLogger(__name__)
 # closing "old" connections mid-request would drop the request's own connection.
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
-# Streamed text is checkpointed (and the lock extended) this often, so a crashed worker's reply keeps
-# most of what arrived and a long reply never outlives its lock.
+# The heartbeat: streamed text is checkpointed and the lease (lock, slot) renewed this often (or three times per
+# CONVERSATION_LOCK_SECONDS if that is shorter), so a crashed worker's reply keeps most of what arrived and a
+# live generation never outlives its lease, while a dead one frees it within CONVERSATION_LOCK_SECONDS.
 CHECKPOINT_SECONDS = 2.0
+
+# The final frame waits at most this long for the reply's final write (a hung database never holds it back).
+FINAL_FRAME_WAIT_SECONDS = 1.0
 
 CANCELLED_TEXT = "Stopped before the reply was complete."
 
@@ -130,9 +138,14 @@ def _estimate(request: ChatRequest | None, content: str) -> tuple[int, int]:
 
 async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_key: Any = None,
                        emit: Emit | None = None) -> Message:
-    """Generates the reply of a begun exchange; returns it in its final state. Re-raises cancellation."""
+    """Generates the reply of a begun exchange; returns it in its final state. Re-raises cancellation.
+
+    Whatever fails, exactly one final frame (`done` or `error`) is emitted, and it never depends on the final
+    database write: a database outage can delay that write (retried in the background, `aiwriter.deferred`), never
+    the frame (`_end`). While it runs, a heartbeat renews the generation's lease (lock, slot) and checkpoints its
+    text; a failed heartbeat is logged and the stream goes on.
+    """
     emit = emit or _no_emit
-    finish = sync_to_async(services.finish_reply)
     reply = exchange.reply
     if exchange.finished:  # replay or rejected by moderation: only the outcome to tell
         await emit(outcome_frame(reply))
@@ -143,84 +156,175 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     stream = None
     ctx: CallContext | None = None
     started = time.monotonic()
+    heartbeat = asyncio.create_task(_heartbeat(exchange, parts))
+    cancelled: asyncio.CancelledError | None = None
     try:
-        await emit(status_frame(exchange, "thinking"))
-        request = await sync_to_async(prompt.build_request)(
-            conversation=exchange.conversation, user_message=exchange.user_message, user=user, api_key=api_key)
-        ctx = CallContext(user=user, entry_point=entry_point, api_key=api_key, project=exchange.conversation.project,
-                          agent=exchange.conversation.agent, conversation=exchange.conversation, message=reply)
-        metered: MeteredResult | None = None
-        last_checkpoint = time.monotonic()
-        stream = metered_stream(ctx, request)
-        async for item in stream:
-            if isinstance(item, MeteredResult):
-                metered = item
-            elif isinstance(item, TextDelta) and item.content:
-                if not parts:
-                    await emit(status_frame(exchange, "generating"))
-                parts.append(item.content)
-                await emit({"type": "delta", "message": reply.pk, "content": item.content})
-                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                    last_checkpoint = time.monotonic()
-                    await sync_to_async(services.checkpoint)(exchange, "".join(parts))
-        if metered is None:
-            raise LLMError("The model stream ended without a result.", code="llm_error")
-        result: ChatResult = metered.result
-        await finish(exchange, status=Message.Status.SUCCESS, content=result.content or "".join(parts),
-                     model_name=result.model, provider_name=result.provider,
-                     prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens,
-                     usage_estimated=result.usage.estimated, fallback=result.fallback,
-                     latency_ms=result.latency_ms, cost=metered.cost)
-        await emit(done_frame(reply))
-    except ApiError as exc:
-        # InsufficientBalance / QuotaExceeded / KeyBudgetExceeded: raised before the model is called.
-        await finish(exchange, status=Message.Status.INSUFFICIENT_BALANCE, error_message=exc.message,
-                     error_code=exc.code)
-        exchange.extra["error"] = _api_error(exc.code, exc.message, exc.status_code, exc.retryable, reply)
-        await emit(error_frame(exc.code, exc.message, exc.retryable, reply.pk))
-    except LLMError as exc:
-        partial = exc.partial
-        content = partial.content if partial is not None and partial.content else "".join(parts)
-        if partial is not None:
-            usage = partial.usage
-            fields = dict(model_name=partial.model, provider_name=partial.provider,
-                          prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                          usage_estimated=usage.estimated, fallback=partial.fallback, latency_ms=partial.latency_ms)
-        else:
+        try:
+            await emit(status_frame(exchange, "thinking"))
+            request = await sync_to_async(prompt.build_request)(
+                conversation=exchange.conversation, user_message=exchange.user_message, user=user,
+                api_key=api_key)
+            ctx = CallContext(user=user, entry_point=entry_point, api_key=api_key,
+                              project=exchange.conversation.project, agent=exchange.conversation.agent,
+                              conversation=exchange.conversation, message=reply)
+            metered: MeteredResult | None = None
+            stream = metered_stream(ctx, request)
+            async for item in stream:
+                if isinstance(item, MeteredResult):
+                    metered = item
+                elif isinstance(item, TextDelta) and item.content:
+                    if not parts:
+                        await emit(status_frame(exchange, "generating"))
+                    parts.append(item.content)
+                    await emit({"type": "delta", "message": reply.pk, "content": item.content})
+            if metered is None:
+                raise LLMError("The model stream ended without a result.", code="llm_error")
+            result: ChatResult = metered.result
+            values = dict(status=Message.Status.SUCCESS, content=result.content or "".join(parts),
+                          model_name=result.model, provider_name=result.provider,
+                          prompt_tokens=result.usage.prompt_tokens,
+                          completion_tokens=result.usage.completion_tokens, usage_estimated=result.usage.estimated,
+                          fallback=result.fallback, latency_ms=result.latency_ms, cost=metered.cost)
+            _apply(reply, values)
+            final = done_frame(reply)
+        except ApiError as exc:
+            # InsufficientBalance / QuotaExceeded / KeyBudgetExceeded: raised before the model is called.
+            values = dict(status=Message.Status.INSUFFICIENT_BALANCE, error_message=exc.message, error_code=exc.code)
+            _apply(reply, values)
+            exchange.extra["error"] = _api_error(exc.code, exc.message, exc.status_code, exc.retryable, reply)
+            final = error_frame(exc.code, exc.message, exc.retryable, reply.pk)
+        except LLMError as exc:
+            partial = exc.partial
+            content = partial.content if partial is not None and partial.content else "".join(parts)
+            if partial is not None:
+                usage = partial.usage
+                fields = dict(model_name=partial.model, provider_name=partial.provider,
+                              prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                              usage_estimated=usage.estimated, fallback=partial.fallback,
+                              latency_ms=partial.latency_ms)
+            else:
+                prompt_tokens, completion_tokens = _estimate(request, content)
+                fields = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=True,
+                              latency_ms=int((time.monotonic() - started) * 1000))
+            record = exc.usage_record
+            cost = getattr(record, "cost", None) or Decimal("0")
+            values = dict(status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
+                          error_code=exc.code, cost=cost, **fields)
+            _apply(reply, values)
+            http_status, retryable = llm_outcome(exc.code)
+            exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, retryable, reply)
+            final = error_frame(exc.code, exc.message, retryable, reply.pk)
+        except asyncio.CancelledError as exc:
+            # Cancel frame or client disconnect: close the model stream (metering records it as partial),
+            # keep the text that arrived, then let the cancellation go on.
+            cancelled = exc
+            await _close(stream)
+            content = "".join(parts)
             prompt_tokens, completion_tokens = _estimate(request, content)
-            fields = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=True,
-                          latency_ms=int((time.monotonic() - started) * 1000))
-        record = exc.usage_record
-        cost = getattr(record, "cost", None) or Decimal("0")
-        await finish(exchange, status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
-                     error_code=exc.code, cost=cost, **fields)
-        http_status, retryable = llm_outcome(exc.code)
-        exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, retryable, reply)
-        await emit(error_frame(exc.code, exc.message, retryable, reply.pk))
-    except asyncio.CancelledError:
-        # Cancel frame or client disconnect: close the model stream (metering records it as partial),
-        # keep the text that arrived, then let the cancellation go on.
-        await _close(stream)
-        content = "".join(parts)
-        prompt_tokens, completion_tokens = _estimate(request, content)
-        record = ctx.usage_record if ctx is not None else None
-        await finish(exchange, status=Message.Status.ERROR, content=content, error_message=CANCELLED_TEXT,
-                     error_code="cancelled", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000),
-                     cost=record.cost if record is not None and record.charged else Decimal("0"))
-        await _emit_quietly(emit, error_frame("cancelled", CANCELLED_TEXT, True, reply.pk))
-        raise
-    except Exception:  # noqa: BLE001 - a bug must still leave a final state and a free lock
-        logger.exception("reply %s failed", reply.pk)
-        await _close(stream)
-        await finish(exchange, status=Message.Status.ERROR, content="".join(parts), error_code="internal_error",
-                     error_message="Internal error while generating the reply.")
-        await _emit_quietly(emit, error_frame("internal_error", "Internal error while generating the reply.",
-                                              True, reply.pk))
+            record = ctx.usage_record if ctx is not None else None
+            values = dict(status=Message.Status.ERROR, content=content, error_message=CANCELLED_TEXT,
+                          error_code="cancelled", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000),
+                          cost=record.cost if record is not None and record.charged else Decimal("0"))
+            final = error_frame("cancelled", CANCELLED_TEXT, True, reply.pk)
+        except Exception as exc:  # noqa: BLE001 - a bug or a lost database must still end the exchange
+            await _close(stream)
+            if isinstance(exc, OperationalError | InterfaceError):
+                logger.warning("reply %s: database unavailable (%s)", reply.pk, exc.__class__.__name__)
+                code, text = "database_unavailable", "The database is unavailable; try again."
+            else:
+                logger.exception("reply %s failed", reply.pk)
+                code, text = "internal_error", "Internal error while generating the reply."
+            values = dict(status=Message.Status.ERROR, content="".join(parts), error_code=code, error_message=text)
+            final = error_frame(code, text, True, reply.pk)
+        # The final frame, then the final write and the lock's release, shielded: a cancel (or disconnect) that
+        # arrives once the outcome is known must not cut them short.
+        ending = asyncio.ensure_future(_end(exchange, reply, heartbeat, emit, final, values))
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError as exc:
+            await ending
+            cancelled = cancelled or exc
+        if cancelled is not None:
+            raise cancelled
     finally:
-        await sync_to_async(services.release_lock)(exchange)
+        await _stop(heartbeat)
+        if exchange.lock is not None:  # not reached the end (a bug below us): still free the conversation
+            await sync_to_async(services.release_lock)(exchange)
         await _record_key_tokens(api_key, reply)
     return reply
+
+
+async def _end(exchange: Exchange, reply: Message, heartbeat: asyncio.Task, emit: Emit, final: dict[str, Any],
+               values: dict[str, Any]) -> None:
+    """The final frame and the final write. The frame never waits on the database: it goes out when the write
+    is done (so a client that reads right after `done` sees the stored reply), when the write failed (it is
+    then retried in the background), or after FINAL_FRAME_WAIT_SECONDS, whichever comes first."""
+    await _stop(heartbeat)
+    write = asyncio.ensure_future(_finish_or_defer(exchange, values))
+    try:
+        await asyncio.wait([write], timeout=FINAL_FRAME_WAIT_SECONDS)
+    finally:
+        await _emit_quietly(emit, final)
+        if not await write:
+            _apply(reply, values)
+            # REST has no frame to tell the outcome: 503 (retryable); the reply is stored once the database
+            # is back, and a retry with the same client_id gets it.
+            exchange.extra["error"] = ApiError(
+                "The database is unavailable; try again.", code="database_unavailable", status_code=503,
+                retryable=True, extra={"message_id": reply.pk, "status": Message.Status.PROCESSING})
+        await sync_to_async(services.release_lock)(exchange)
+
+
+def _apply(reply: Message, values: dict[str, Any]) -> None:
+    """The final state on the in-memory reply, so the final frame can tell it before it is written."""
+    for name, value in values.items():
+        setattr(reply, name, value)
+
+
+async def _finish_or_defer(exchange: Exchange, values: dict[str, Any]) -> bool:
+    """Writes the reply's final state; if the database is unreachable, retries it in the background. True if now."""
+    def write() -> None:
+        services.finish_reply(exchange, **values)
+
+    return await sync_to_async(deferred.run_or_defer)(f"reply:{exchange.reply.pk}", write)
+
+
+def _heartbeat_seconds() -> float:
+    # Several beats per lease, so one lost write does not let a live generation's lease lapse.
+    return min(CHECKPOINT_SECONDS, settings.CONVERSATION_LOCK_SECONDS / 3)
+
+
+async def _heartbeat(exchange: Exchange, parts: list[str]) -> None:
+    """Renews the generation's lease and checkpoints its text while it runs. Its failures never end the stream."""
+    def beat(content: str) -> None:
+        try:
+            services.checkpoint(exchange, content)
+        except DatabaseError:
+            deferred.close_broken_connection()
+            raise
+
+    while True:
+        await asyncio.sleep(_heartbeat_seconds())
+        try:
+            await sync_to_async(beat)("".join(parts))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a missed beat: the next one (or the lease's slack) covers it
+            logger.warning("heartbeat of reply %s failed (%s)", exchange.reply.pk, exc.__class__.__name__)
+
+
+async def _stop(task: asyncio.Task) -> None:
+    if task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():  # our own cancellation, not the heartbeat's: let it go on
+            raise
+    except Exception:  # noqa: BLE001 - the heartbeat logs its own failures
+        pass
 
 
 async def _record_key_tokens(api_key: Any, reply: Message) -> None:

@@ -3,8 +3,9 @@
 Redis is the fast path: one Lua script takes the conversation lock (SET NX PX with a random token)
 and a slot in the user's sorted set of running generations, atomically, so the limit holds across
 processes. Release is compare-and-delete, so a lock that expired and was taken by someone else is
-never released by the old holder. A crashed worker's lock and slot expire after
-CONVERSATION_LOCK_SECONDS.
+never released by the old holder. The lock and slot are the generation's lease: its heartbeat
+(`generation.run_exchange`, every 2 s) extends them, so a crashed worker's expire CONVERSATION_LOCK_SECONDS
+(15 s by default) after it died.
 
 Without Redis (unset or unreachable) the same rules are held by the database: one GenerationLease row
 per conversation (unique), counted per user under a PostgreSQL advisory lock.
@@ -195,7 +196,7 @@ def release(lock: GenerationLock) -> bool:
 
 
 def extend(lock: GenerationLock) -> bool:
-    """Pushes the expiry out by another CONVERSATION_LOCK_SECONDS for a long generation; never raises."""
+    """The heartbeat: pushes the expiry out by another CONVERSATION_LOCK_SECONDS; never raises."""
     try:
         if lock.backend == "redis":
             client = shared_redis.get_redis()

@@ -212,6 +212,8 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
         return replay
     lock = locks.acquire(owner_id=user.pk, conversation_id=conversation.pk)
     try:
+        # Its lock expired, so a reply still `processing` here lost its generation (a dead worker): end it now.
+        sweep_stuck_messages(older_than_seconds=settings.CONVERSATION_LOCK_SECONDS, conversation_id=conversation.pk)
         replay = _replay(conversation, client_id)  # a twin request may have finished while we waited
         if replay is not None:
             locks.release(lock)
@@ -334,10 +336,11 @@ def save_partial(reply: Message, content: str) -> None:
 
 
 def checkpoint(exchange: Exchange, content: str) -> None:
-    """During a long stream: saves the text so far and keeps the conversation's lock alive."""
-    save_partial(exchange.reply, content)
+    """The generation's heartbeat: renews its lock (Redis or lease row, never raises) and saves the text so far,
+    which also touches the reply (`updated_at`: how the sweeper tells a live generation from a dead one)."""
     if exchange.lock is not None:
         locks.extend(exchange.lock)
+    save_partial(exchange.reply, content)
 
 
 def release_lock(exchange: Exchange) -> None:
@@ -364,15 +367,29 @@ def _settle_swept_call(reply: Message) -> None:
                                                    usage_estimated=True, cost=record.cost if record.charged else 0)
 
 
-def sweep_stuck_messages(*, older_than_seconds: int) -> int:
-    """Ends replies stuck in `processing` with no progress for `older_than_seconds` as `error` (text kept)."""
+def sweep_stuck_messages(*, older_than_seconds: float, conversation_id: int | None = None,
+                         only_unlocked: bool = False) -> int:
+    """Ends replies stuck in `processing` with no progress for `older_than_seconds` as `error` (text kept).
+
+    A live generation touches its reply every few seconds (the heartbeat), so one still for longer than the lease
+    is dead. `only_unlocked` (the background sweeper) also spares a reply whose conversation lock is still renewed
+    (its generation is alive but could not reach the database) or whose final write this process still retries.
+    """
+    from aiwriter import deferred
+
     cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
     swept = 0
     stuck = Message.objects.filter(role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
                                    updated_at__lt=cutoff).select_related("conversation__agent__model", "reply_to")
+    if conversation_id is not None:
+        stuck = stuck.filter(conversation_id=conversation_id)
     for reply in stuck.iterator():
+        if only_unlocked and (deferred.is_pending(f"reply:{reply.pk}")
+                              or locks.is_locked(reply.conversation_id, reply.conversation.owner_id)):
+            continue
         with transaction.atomic():
-            changed = Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING).update(
+            changed = Message.objects.filter(pk=reply.pk, status=Message.Status.PROCESSING,
+                                             updated_at__lt=cutoff).update(
                 status=Message.Status.ERROR, error_message="The reply stopped: its worker went away.",
                 error_code="interrupted", updated_at=timezone.now())
             if changed and reply.reply_to_id:
@@ -381,5 +398,6 @@ def sweep_stuck_messages(*, older_than_seconds: int) -> int:
             swept += changed
         if changed:
             _settle_swept_call(reply)
-    GenerationLease.objects.filter(expires_at__lte=timezone.now()).delete()
+    if conversation_id is None:
+        GenerationLease.objects.filter(expires_at__lte=timezone.now()).delete()
     return swept

@@ -6,6 +6,9 @@ again on the same port (`.stop()`, `.start()`); `.url(db)` gives its URL.
 `daphne_processes`: starts real daphne processes against the test database (`start(**env)` → DaphneProcess
 with `.base_url`, `.ws_url`, `.kill()`); every process is stopped at teardown. Needs PostgreSQL.
 
+`DatabaseLink(host, port)`: a TCP proxy to PostgreSQL that the test can cut (`.cut()`: open connections reset,
+new ones refused) and `.restore()`; `database_url_through(link)` is the test database's URL through it.
+
 `assert_settled()`: the end-state invariants every request must leave behind — no reply in `processing`,
 no credit hold still held, nothing reserved on any account, no conversation locked, ledger = balance.
 """
@@ -19,8 +22,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import pytest
 from django.conf import settings
@@ -214,3 +219,71 @@ def assert_settled():
             time.sleep(0.1)
 
     return check
+
+
+class DatabaseLink:
+    """A TCP proxy to PostgreSQL that can be cut (open connections reset, new ones refused) and restored."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.open += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> int:
+        self.up = False
+        with self.lock:
+            dropped, self.open = self.open, []
+        for sock in dropped:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(dropped) // 2
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def database_url_through(link: DatabaseLink) -> str:
+    """The test database's URL through `link`, for a daphne process."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    return f"postgres://{quote(db['USER'] or '', safe='')}@127.0.0.1:{link.port}/{db['NAME']}"

@@ -8,6 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import call_command
 from django.db import connection
+from django.utils import timezone
 
 from agents.llm import tokens
 from agents.llm.types import ChatRequest
@@ -114,3 +115,57 @@ def test_charge_unknown_bills_the_hold_rather_than_a_free_call():
     flt = UsageFilter(user_id=user.pk, start=day, end=day)
     assert usage_stats(flt) == usage_stats(flt, source="records")
     assert usage_stats(flt)["totals"]["cost"] == "0.25"
+
+
+async def test_reconcile_with_default_arguments_charges_a_fresh_hold_whose_outcome_was_saved(fake_upstream):
+    # Its call is over (the outcome is only saved after it ended): no need to wait an hour to bill it.
+    user = await sync_to_async(make_user)()
+    model = await sync_to_async(make_fake_model)(fake_upstream, "flaky-db", input_price="1", output_price="2")
+    fake_upstream.configure("flaky-db", tokens=9)
+    await sync_to_async(grant_credits)(user=user, amount=Decimal("1"), reason="t", created_by=None)
+    await sync_to_async(_break_usage_inserts)()
+    try:
+        metered = await metered_complete(CallContext(user=user, entry_point="chat"),
+                                         ChatRequest(model=model.name, messages=MESSAGES, max_tokens=20))
+    finally:
+        await sync_to_async(_repair_usage_inserts)()
+    assert metered.pending_reconcile
+
+    def reconcile_with_defaults():
+        out = io.StringIO()
+        call_command("reconcile_reservations", stdout=out)
+        assert "charged 1, released 0" in out.getvalue()
+
+    await sync_to_async(reconcile_with_defaults)()
+    records = await sync_to_async(list)(UsageRecord.objects.all())
+    assert len(records) == fake_upstream.completions == 1
+    assert records[0].charged and records[0].cost == metered.cost
+    charges = await sync_to_async(list)(LedgerEntry.objects.filter(kind="charge").values_list("amount", flat=True))
+    assert charges == [-metered.cost]
+
+
+def test_the_sweeper_charges_a_dead_replys_saved_outcome_not_an_estimate(alice, fake_upstream):
+    from conversations import services as conversation_services
+    from conversations.models import Conversation, Message
+    from tests.factories import make_agent
+    from usage.services import CallOutcome, CallPlan, call_meta, save_pending_result
+    from usage.services import begin_call as hold
+
+    chat_agent = make_agent("priced", model=make_fake_model(fake_upstream, "priced-gpt", input_price="1",
+                                                            output_price="2"))
+    grant_credits(user=alice, amount=Decimal("1"), reason="t", created_by=None)
+    conversation = Conversation.objects.create(owner=alice, agent=chat_agent)
+    exchange = conversation_services.begin_exchange(user=alice, conversation=conversation, content="hello")
+    conversation_services.release_lock(exchange)
+    ctx = CallContext(user=alice, entry_point="ws", conversation=conversation, message=exchange.reply,
+                      agent=chat_agent)
+    request = ChatRequest(model=chat_agent.model.name, messages=MESSAGES, max_tokens=20)
+    plan: CallPlan = hold(ctx=ctx, request=request)
+    assert call_meta(ctx)["message_id"] == exchange.reply.pk
+    outcome = CallOutcome(status="success", model=chat_agent.model.name, prompt_tokens=11, completion_tokens=17)
+    assert save_pending_result(plan=plan, outcome=outcome)  # served; its record could not be written
+    Message.objects.filter(pk=exchange.reply.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+    conversation_services.sweep_stuck_messages(older_than_seconds=60)  # nothing was checkpointed on the reply
+    record = UsageRecord.objects.get(message_id=exchange.reply.pk)
+    assert record.prompt_tokens == 11 and record.completion_tokens == 17 and record.status == "success"
+    assert Reservation.objects.get().status in ("settled", "released")

@@ -17,8 +17,9 @@ Billing of each outcome:
   "delivered": prompt + the text actually delivered; "drain": keep reading the upstream (up to
   CUTOFF_DRAIN_MAX_SECONDS) and bill its final usage. Never an error text, never zero for delivered text;
 - an LLMError before any text: recorded as an error with the cost of tokens the upstream reported, not charged.
-If writing the record fails after the upstream answered, the hold stays (with the outcome saved on it) for
-`manage.py reconcile_reservations`: never a free call.
+If writing the record fails after the upstream answered, the hold stays with the outcome saved on it (charged by
+the sweeper or `manage.py reconcile_reservations`), or, when the database is unreachable, the record is retried in
+the background until it is back (`aiwriter.deferred`): never a free call.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import Error as DatabaseError  # InterfaceError too: a connection lost mid-call
 
 from agents.llm import service, tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
+from aiwriter import deferred
 from aiwriter.observability import add_timing, timing
 from usage import services
 from usage.models import UsageRecord
@@ -74,19 +76,29 @@ class MeteredResult:
 
 
 def _finish(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
-    """Writes the record and the charge; on a database error keeps the hold for reconcile. Returns (record, pending)."""
+    """Writes the record and the charge; on a database error keeps the outcome for later. Returns (record, pending).
+
+    The outcome is saved on the hold (reconcile and the sweeper charge it); if the database cannot take even that
+    (it is unreachable), the record itself is retried in the background until the database is back: a call the
+    upstream served is never left without its record because of a short outage.
+    """
     meta = services.call_meta(ctx)
     try:
         record, alerts = services.record_call(meta=meta, plan=plan, outcome=outcome)
     except DatabaseError:
+        deferred.close_broken_connection()
         logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
                          meta.user_id, plan.reservation_id)
         try:
             saved = services.save_pending_result(plan=plan, outcome=outcome)
         except DatabaseError:
+            deferred.close_broken_connection()
             saved = False
         if not saved:
-            logger.error("call outcome not saved (hold %s): %s", plan.reservation_id, outcome.as_json())
+            logger.warning("call outcome not saved (hold %s); recording it when the database is back: %s",
+                           plan.reservation_id, outcome.as_json())
+            deferred.defer(f"usage:{plan.reservation_id or id(outcome)}",
+                           lambda: services.settle_pending_call(meta=meta, plan=plan, outcome=outcome))
         unsaved = UsageRecord(user_id=meta.user_id, model=outcome.model, provider=outcome.provider,
                               prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                               total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
