@@ -161,7 +161,7 @@ def test_the_sweeper_charges_a_dead_replys_saved_outcome_not_an_estimate(alice, 
                       agent=chat_agent)
     request = ChatRequest(model=chat_agent.model.name, messages=MESSAGES, max_tokens=20)
     plan: CallPlan = hold(ctx=ctx, request=request)
-    assert call_meta(ctx)["message_id"] == exchange.reply.pk
+    assert call_meta(ctx).message_id == exchange.reply.pk
     outcome = CallOutcome(status="success", model=chat_agent.model.name, prompt_tokens=11, completion_tokens=17)
     assert save_pending_result(plan=plan, outcome=outcome)  # served; its record could not be written
     Message.objects.filter(pk=exchange.reply.pk).update(updated_at=timezone.now() - timedelta(hours=1))
