@@ -54,10 +54,10 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self._seed_demo_provider()
         real = self._seed_openai() if os.environ.get("OPENAI_API_KEY") else None
-        admin_login, admin_password = self._ensure_user(os.environ.get("ADMIN_USER", "admin"), "ADMIN_PASSWORD",
-                                                        "admin_password", superuser=True)
-        demo_login, demo_password = self._ensure_user(os.environ.get("DEMO_USER", "demo"), "DEMO_PASSWORD",
-                                                      "demo_password", superuser=False)
+        admin_login, admin_password = self._ensure_user(
+            os.environ.get("ADMIN_USER", "admin"), os.environ.get("ADMIN_PASSWORD"), "ADMIN_PASSWORD", superuser=True)
+        demo_login, demo_password = self._ensure_user(
+            os.environ.get("DEMO_USER", "demo"), os.environ.get("DEMO_PASSWORD"), "DEMO_PASSWORD", superuser=False)
         demo_user = get_user_model().objects.get(username=demo_login)
         self._ensure_demo_credit(demo_user)
         demo_key = self._ensure_demo_key(demo_user)
@@ -124,11 +124,10 @@ class Command(BaseCommand):
 
     # --- accounts -----------------------------------------------------------------------------------------------------
 
-    def _ensure_user(self, username: str, password_env: str, password_file_name: str, *,
+    def _ensure_user(self, username: str, password: str | None, password_env: str, *,
                      superuser: bool) -> tuple[str, str]:
-        password_file = STATE_DIR / password_file_name
+        password_file = STATE_DIR / password_env.lower()  # admin_password, demo_password
         user = get_user_model().objects.filter(username=username).first()
-        password = os.environ.get(password_env)
         if user is None:
             password = password or secrets.token_urlsafe(12)
             if superuser:
