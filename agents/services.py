@@ -17,6 +17,10 @@ from aiwriter.errors import ApiError, Conflict
 from usage.models import ModelPrice
 
 PRICE_FIELDS = ("input_price_per_million", "cached_input_price_per_million", "output_price_per_million")
+# ModelPrice field -> the request field that set it, so a refused price names what the client sent.
+PRICE_FIELD_NAMES = {"input_per_million": "input_price_per_million",
+                     "cached_input_per_million": "cached_input_price_per_million",
+                     "output_per_million": "output_price_per_million"}
 
 
 def _assign(obj: Any, fields: dict[str, Any]) -> None:
@@ -24,12 +28,14 @@ def _assign(obj: Any, fields: dict[str, Any]) -> None:
         setattr(obj, name, value)
 
 
-def _clean(obj: Any) -> None:
-    """Model validation as an API error (400 with the fields), never a 500."""
+def _clean(obj: Any, rename: dict[str, str] | None = None) -> None:
+    """Model validation as an API error (400 with the fields), never a 500. `rename` maps model field names to
+    the request's (a price row's output_per_million is the API's output_price_per_million)."""
     try:
         obj.full_clean()
     except DjangoValidationError as exc:
-        raise ApiError("Invalid data.", code="invalid", extra={"fields": exc.message_dict}) from None
+        fields = {(rename or {}).get(name, name): messages for name, messages in exc.message_dict.items()}
+        raise ApiError("Invalid data.", code="invalid", extra={"fields": fields}) from None
 
 
 # --- providers --------------------------------------------------------------------------------
@@ -70,7 +76,7 @@ def set_model_price(model: LLMModel, *, input_per_million: Decimal, output_per_m
         return None
     row = ModelPrice(model=model, input_per_million=input_per_million, output_per_million=output_per_million,
                      cached_input_per_million=cached_input_per_million, effective_from=now)
-    _clean(row)  # negative, absurd or over-precise prices are a 400, not a lock-out
+    _clean(row, PRICE_FIELD_NAMES)  # negative, absurd or over-precise prices are a 400, not a lock-out
     row.save()
     return row
 

@@ -7,7 +7,9 @@ import logging
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import DatabaseError, InterfaceError, OperationalError
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponsePermanentRedirect, JsonResponse
+from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -133,6 +135,24 @@ def api_exception_handler(exc, context) -> Response | None:
 
 def handler404(request, exception=None):
     return error_response("not_found", "Not found.", 404)
+
+
+@csrf_exempt  # nothing to protect, and a POST without a token still gets the 404, not a CSRF page
+def unknown_api_path(request, path: str = ""):
+    """The last /api/ route: an unknown API path answers in the JSON error shape even with DEBUG on (Django's
+    handler404 is not used then). A path that exists with a trailing slash is redirected as APPEND_SLASH would."""
+    if settings.APPEND_SLASH and not request.path_info.endswith("/"):
+        match = _resolve(request.path_info + "/")
+        if match is not None and match.func is not unknown_api_path:
+            return HttpResponsePermanentRedirect(request.get_full_path(force_append_slash=True))
+    return handler404(request)
+
+
+def _resolve(path: str):
+    try:
+        return resolve(path)
+    except Resolver404:
+        return None
 
 
 def handler500(request):

@@ -8,9 +8,12 @@ bench/ (docs/BENCHMARKS.md): that, not the view code, capped /v1 throughput.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.http import HttpRequest, HttpResponse
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 
@@ -37,3 +40,18 @@ class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
             # Opening the file is blocking I/O: off the event loop.
             return await sync_to_async(self.serve, thread_sensitive=False)(static_file, request)
         return await self.get_response(request)
+
+
+_FAVICON = Path(__file__).resolve().parent.parent / "static" / "favicon.ico"
+
+
+@functools.cache
+def _favicon_bytes() -> bytes:
+    return _FAVICON.read_bytes()
+
+
+async def favicon(request: HttpRequest) -> HttpResponse:
+    """/favicon.ico, which browsers ask for on every page (the admin's too) whatever the <link rel=icon> says."""
+    response = HttpResponse(_favicon_bytes(), content_type="image/x-icon")
+    response["Cache-Control"] = "public, max-age=86400"
+    return response

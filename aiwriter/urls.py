@@ -1,8 +1,8 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView
 
-from aiwriter import health, observability
+from aiwriter import errors, health, observability, static
 
 handler400 = "aiwriter.errors.handler400"
 handler403 = "aiwriter.errors.handler403"
@@ -14,6 +14,7 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", observability.metrics_view, name="metrics"),
+    path("favicon.ico", static.favicon, name="favicon"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/", include("usage.urls")),
@@ -21,4 +22,5 @@ urlpatterns = [
     path("api/ai/", include("agents.writer.urls")),  # writer: generate-text, topics, optimize
     path("api/", include("agents.urls")),  # staff: providers, models, agents, ai-services
     path("v1/", include("agents.openai_compat.urls")),
+    re_path(r"^api/", errors.unknown_api_path),  # last: JSON 404 for unknown API paths, DEBUG or not
 ]

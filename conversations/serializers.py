@@ -43,6 +43,17 @@ class ConversationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class ConversationCreatedSerializer(ConversationSerializer):
+    """The answer to a create: `deduplicated` is true when an existing conversation came back (200) instead of a
+    new one (201); its title is then the existing one's, the request's `title` is not applied."""
+
+    deduplicated = serializers.BooleanField(read_only=True)
+
+    class Meta(ConversationSerializer.Meta):
+        fields = [*ConversationSerializer.Meta.fields, "deduplicated"]
+        read_only_fields = fields
+
+
 class MessageSerializer(serializers.ModelSerializer):
     error_display = serializers.SerializerMethodField()
     total_tokens = serializers.SerializerMethodField()

@@ -15,6 +15,7 @@ from aiwriter.errors import ApiError
 from conversations import memory, selectors, services
 from conversations.generation import outcome_error, run_exchange
 from conversations.serializers import (
+    ConversationCreatedSerializer,
     ConversationCreateInput,
     ConversationSerializer,
     ConversationUpdateInput,
@@ -47,7 +48,7 @@ class ConversationListView(GenericAPIView):
         return self.get_paginated_response(ConversationSerializer(page, many=True).data)
 
     @extend_schema(request=ConversationCreateInput,
-                   responses={200: ConversationSerializer, 201: ConversationSerializer})
+                   responses={200: ConversationCreatedSerializer, 201: ConversationCreatedSerializer})
     def post(self, request):
         data = ConversationCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -57,7 +58,10 @@ class ConversationListView(GenericAPIView):
         conversation, created = services.create_conversation(
             user=request.user, agent=services.resolve_agent(data.validated_data["agent"]), project=project,
             title=data.validated_data["title"], api_key=request.auth, new=data.validated_data["new"])
-        return Response(ConversationSerializer(conversation).data, status=201 if created else 200)
+        # A deduplicated create says so (body and header): the caller's title was not applied to it.
+        conversation.deduplicated = not created
+        return Response(ConversationCreatedSerializer(conversation).data, status=201 if created else 200,
+                        headers={"X-Conversation-Deduplicated": "false" if created else "true"})
 
 
 @extend_schema_view(

@@ -31,6 +31,12 @@ may also override them with a `"fake": {...}` object in its body (openai SDK: `e
     malformed      stream: send a broken `data:` line after the first chunk
     cached_tokens  report usage.prompt_tokens_details.cached_tokens = N
     finish_reason  report this finish_reason ("content_filter", …) instead of "stop"/"length"
+Function calling: a request with `tools` (and `tool_choice` not "none") is answered with one tool call instead
+of text: the function named by `tool_choice`, else the first tool, with arguments
+    {"echo": "<last user message>"}
+(`id` "call_fake<n>", finish_reason "tool_calls"; streamed as a first piece with id and name, then the
+arguments one token per chunk). Its completion tokens are the arguments' o200k tokens. A request whose last
+message is a `tool` result gets the echo text again, as "Echo. Tool: <result>".
 Every request is recorded (`.requests`: model, body, stream, authorization, time) and each
 completion served in full is counted (`.served[model]`, `.completions`).
 
@@ -99,6 +105,8 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
 
 
 def echo_text(messages: list[dict[str, Any]]) -> str:
+    if messages and messages[-1].get("role") == "tool":
+        return f"Echo. Tool: {_text(messages[-1].get('content'))}"
     system = next((_text(m.get("content")) for m in messages if m.get("role") == "system"), "")
     user = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     return f"Echo. System: {system} | User: {user}"
@@ -111,6 +119,19 @@ def reply_tokens(knobs: Knobs, messages: list[dict[str, Any]], max_tokens: int |
     if max_tokens is not None and len(ids) > max_tokens:
         return ids[:max_tokens], "length"
     return ids, "stop"
+
+
+def tool_call_for(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The call the fake makes when offered tools: tool_choice's function, else the first tool's."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if not tools or choice == "none" or (body.get("messages") or [{}])[-1].get("role") == "tool":
+        return None
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    name = name or (tools[0].get("function") or {}).get("name", "")
+    user = next((_text(m.get("content")) for m in reversed(body.get("messages") or []) if m.get("role") == "user"), "")
+    return {"id": f"call_fake{next(_ids)}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps({"echo": user})}}
 
 
 def token_pieces(ids: list[int]) -> list[str]:
@@ -242,6 +263,9 @@ class FakeOpenAI:
         prompt = prompt_tokens(messages)
         cid = f"chatcmpl-fake{next(_ids)}"
         created = int(time.time())
+        call = tool_call_for(body)
+        if call is not None:
+            return await self._tool_call(request, body, knobs, model, cid, created, call, prompt, stream)
         if not stream:
             if knobs.latency:
                 await asyncio.sleep(knobs.latency)
@@ -289,6 +313,47 @@ class FakeOpenAI:
                     "choices": [], "usage": self._usage(prompt, len(ids), knobs)}
             await response.write(f"data: {json.dumps(data)}\n\n".encode())
         self.served[model] += 1  # counted before [DONE] so a client that has read it sees the count
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _tool_call(self, request: web.Request, body: dict[str, Any], knobs: Knobs, model: str, cid: str,
+                         created: int, call: dict[str, Any], prompt: int, stream: bool) -> web.StreamResponse:
+        ids = _ENCODING.encode_ordinary(call["function"]["arguments"])
+        usage = self._usage(prompt, len(ids), knobs)
+        if knobs.latency:
+            await asyncio.sleep(knobs.latency)
+        if not stream:
+            payload: dict[str, Any] = {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                             "finish_reason": "tool_calls", "logprobs": None}],
+            }
+            if not knobs.omit_usage:
+                payload["usage"] = usage
+            self.served[model] += 1
+            return web.json_response(payload)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(delta: dict[str, Any], finish_reason: str | None = None) -> None:
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+
+        await send({"role": "assistant", "content": None})
+        await send({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                    "function": {"name": call["function"]["name"], "arguments": ""}}]})
+        for piece in token_pieces(ids):
+            if knobs.chunk_delay:
+                await asyncio.sleep(knobs.chunk_delay)
+            await send({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        await send({}, "tool_calls")
+        if (body.get("stream_options") or {}).get("include_usage") and not knobs.omit_usage:
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": usage}
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        self.served[model] += 1
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

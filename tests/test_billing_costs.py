@@ -97,6 +97,7 @@ def test_staff_api_refuses_bad_prices_with_400_and_keeps_the_old_one(api_client)
                        ("output_price_per_million", "-1")):
         response = api_client.patch("/api/models/guarded/", {field: bad}, format="json")
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid", (field, bad)
+        assert list(response.json()["error"]["fields"]) == [field]  # the request's field name, not the model's
     assert ModelPrice.objects.filter(model=model).count() == 1
 
 

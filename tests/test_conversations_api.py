@@ -23,6 +23,16 @@ def test_create_returns_201_then_the_same_conversation_with_200_within_5_minutes
     assert Conversation.objects.count() == 1
 
 
+def test_a_deduplicated_create_says_so_and_keeps_the_first_title(alice_client, chat_agent):
+    first = _create(alice_client, chat_agent, title="Spring poem")
+    again = _create(alice_client, chat_agent, title="Autumn essay")
+    assert first.status_code == 201 and first.json()["deduplicated"] is False
+    assert first["X-Conversation-Deduplicated"] == "false"
+    assert again.status_code == 200 and again.json()["deduplicated"] is True
+    assert again["X-Conversation-Deduplicated"] == "true"
+    assert again.json()["title"] == "Spring poem"  # the second title is not applied: the flag says why
+
+
 def test_dedupe_ends_after_5_minutes(alice_client, chat_agent):
     first = _create(alice_client, chat_agent).json()["id"]
     Conversation.objects.filter(pk=first).update(created_at=timezone.now() - timedelta(minutes=5, seconds=1))

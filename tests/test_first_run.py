@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(180)
 
 def _env(tmp_path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY", "ADMIN_PASSWORD")}
+           if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY", "ADMIN_PASSWORD",
+                         "DEMO_PASSWORD", "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODELS")}
     return {**env, "DEBUG": "1", "SQLITE_PATH": str(tmp_path / "db.sqlite3"), "STATE_DIR": str(tmp_path / "var"),
             "PORT": str(port), "DEMO_CHUNK_DELAY_SECONDS": "0.001"}
 
@@ -43,7 +44,7 @@ def _manage(env: dict[str, str], *args: str) -> str:
 
 
 def _seed_output(out: str) -> dict[str, str]:
-    login = re.search(r"Login:\s+(\S+) / (\S+)", out)
+    login = re.search(r"Operator:\s+(\S+) / (\S+)", out)
     key = re.search(r"API key:\s+(\S+)", out)
     assert login and key and "/admin/" in out, out
     return {"username": login[1], "password": login[2], "key": key[1]}

@@ -44,6 +44,28 @@ def test_unknown_api_path_is_json_404(client):
     assert response.json()["error"]["code"] == "not_found"
 
 
+@override_settings(DEBUG=True)  # `make run`: Django's HTML debug page unless the path is routed
+def test_unknown_api_path_is_json_404_with_debug_on(client):
+    for method, path in (("get", "/api/does-not-exist/"), ("post", "/api/nope"), ("get", "/api/conversations/9/x/")):
+        response = getattr(client, method)(path)
+        assert response.status_code == 404, path
+        assert response["Content-Type"] == "application/json", path
+        assert response.json()["error"]["code"] == "not_found", path
+
+
+def test_an_api_path_missing_its_slash_still_redirects(client):
+    response = client.get("/api/me")
+    assert response.status_code == 301 and response["Location"] == "/api/me/"
+
+
+def test_favicon_is_served_and_linked(client, django_user_model):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response["Content-Type"] == "image/x-icon"
+    assert b"".join(response).startswith(b"\x00\x00\x01\x00")  # an ICO header
+    client.force_login(django_user_model.objects.create_user("fav"))
+    assert 'rel="icon"' in client.get("/").content.decode()
+
+
 def test_readyz_reports_unreachable_database(client, monkeypatch):
     """A database that refuses connections: 503, naming the database, without the driver's message (host, port)."""
     broken = connections.create_connection("default")  # a fresh connection with the same settings...

@@ -30,9 +30,25 @@ def test_check_deploy_is_clean_under_production_settings():
         "SECRET_KEY": "x" * 20 + "production-like-secret-key-with-enough-entropy-0123456789",
         "SECURE_SSL_REDIRECT": "1", "SECURE_HSTS_SECONDS": "31536000", "SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
         "SECURE_HSTS_PRELOAD": "1", "ALLOWED_HOSTS": "aiwriter.example.com",
+        # Only parsed by `check`: nothing connects.
+        "DATABASE_URL": "postgres://aiw:pw@127.0.0.1:5432/aiwriter", "REDIS_URL": "redis://127.0.0.1:6379/0",
     })
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+def test_check_deploy_warns_that_embedded_mode_serves_one_process():
+    production = {"SECRET_KEY": "x" * 20 + "production-like-secret-key-with-enough-entropy-0123456789",
+                  "SECURE_SSL_REDIRECT": "1", "SECURE_HSTS_SECONDS": "31536000", "SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
+                  "SECURE_HSTS_PRELOAD": "1", "ALLOWED_HOSTS": "aiwriter.example.com", "DEBUG": "0"}
+    embedded = _manage("check", "--deploy", env={**production, "DATABASE_URL": "", "REDIS_URL": ""})
+    assert "aiwriter.W002" in embedded.stderr + embedded.stdout and "SQLite" in embedded.stderr + embedded.stdout
+    assert "aiwriter.W003" in embedded.stderr + embedded.stdout
+    half = _manage("check", "--deploy", env={**production, "DATABASE_URL": "postgres://a:b@127.0.0.1:5432/c",
+                                             "REDIS_URL": ""})
+    assert "aiwriter.W002" not in half.stderr + half.stdout and "aiwriter.W003" in half.stderr + half.stdout
+    dev = _manage("check", "--deploy", env={**production, "DEBUG": "1", "DATABASE_URL": "", "REDIS_URL": ""})
+    assert "aiwriter.W00" not in dev.stderr + dev.stdout  # `make run` on a laptop: embedded is the point
 
 
 @pytest.mark.django_db

@@ -144,6 +144,13 @@ def _delivered_outcome(request: ChatRequest, delivered: str, *, status: str, par
     )
 
 
+def _generated(item: TextDelta) -> str:
+    """What a streamed piece generated: its text and the arguments of function calls (billed alike when cut off)."""
+    if not item.tool_calls:
+        return item.content
+    return item.content + "".join((c.get("function") or {}).get("arguments") or "" for c in item.tool_calls)
+
+
 async def _drain(inner: AsyncGenerator[TextDelta | ChatResult, None], delivered: list[str]) -> ChatResult | None:
     """Reads on after the caller left, up to CUTOFF_DRAIN_MAX_SECONDS, for the upstream's final usage."""
     try:
@@ -151,7 +158,7 @@ async def _drain(inner: AsyncGenerator[TextDelta | ChatResult, None], delivered:
             async for item in inner:
                 if isinstance(item, ChatResult):
                     return item
-                delivered.append(item.content)  # generated and paid upstream, though not shown
+                delivered.append(_generated(item))  # generated and paid upstream, though not shown
     except (TimeoutError, LLMError):
         return None
     return None
@@ -182,7 +189,7 @@ async def metered_stream(ctx: CallContext, request: ChatRequest, *,
                 continue
             if ttft_ms is None:
                 ttft_ms = int((time.monotonic() - started) * 1000)
-            delivered.append(item.content)
+            delivered.append(_generated(item))
             yield item
     except LLMError as exc:
         outcome = _delivered_outcome(request, "".join(delivered), status=UsageRecord.Status.ERROR,

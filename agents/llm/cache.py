@@ -29,6 +29,8 @@ _SAMPLING = ("temperature", "top_p", "max_tokens", "stop", "response_format")
 
 
 def cacheable(request: ChatRequest) -> bool:
+    if request.tools:  # a reply may be function calls, which the cache does not keep
+        return False
     if request.cache is not None:
         return request.cache
     return request.temperature is not None and float(request.temperature) == 0.0

@@ -31,6 +31,10 @@ class DemoProvider:
         )
 
     async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
+        if request.tools:
+            # Said plainly rather than answering in text as if no tools had been offered (docs/openai-compat.md).
+            raise BadUpstreamRequest("The built-in demo provider does not support 'tools' (function calling); use a "
+                                     "model served by an OpenAI-compatible provider.", code="unsupported_parameter")
         text = self.reply_for(request.messages)
         encoding = tokens.encoding_for(upstream_model)
         token_ids = encoding.encode_ordinary(text)
@@ -111,7 +115,8 @@ class OpenAICompatibleProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for name in ("temperature", "top_p", "max_tokens", "stop", "response_format", "user"):
+        for name in ("temperature", "top_p", "max_tokens", "stop", "response_format", "user", "tools", "tool_choice",
+                     "parallel_tool_calls"):
             value = getattr(request, name)
             if value is not None:
                 params[name] = value
@@ -127,8 +132,10 @@ class OpenAICompatibleProvider:
                 if chunk.choices:
                     choice = chunk.choices[0]
                     text = choice.delta.content if choice.delta is not None else None
-                    if text or choice.finish_reason:  # the upstream's finish_reason rides on its own piece
-                        yield TextDelta(text or "", finish_reason=choice.finish_reason)
+                    calls = choice.delta.tool_calls if choice.delta is not None else None
+                    pieces = [call.model_dump(exclude_none=True) for call in calls] if calls else None
+                    if text or pieces or choice.finish_reason:  # the finish_reason rides on its own piece
+                        yield TextDelta(text or "", finish_reason=choice.finish_reason, tool_calls=pieces)
                 if chunk.usage is not None:
                     details = getattr(chunk.usage, "prompt_tokens_details", None)
                     usage = Usage(

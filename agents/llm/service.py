@@ -295,6 +295,7 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
     started = time.monotonic()
     ttft_ms: int | None = None
     parts: list[str] = []
+    calls: list[dict[str, Any]] = []
     usage: Usage | None = None
     finish_reason: str | None = None
     verdict = False
@@ -321,13 +322,16 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
                     continue
                 if item.finish_reason:
                     finish_reason = item.finish_reason
-                if not item.content:
+                if item.tool_calls:
+                    merge_tool_calls(calls, item.tool_calls)
+                if not item.content and not item.tool_calls:
                     continue
                 if ttft_ms is None:
                     ttft_ms = _ms(started)
                     if call.ttft_ms is None:
                         call.ttft_ms = _ms(call.started)
-                parts.append(item.content)
+                if item.content:
+                    parts.append(item.content)
                 if not call.whole:
                     if not call.delivered:
                         item.served = Served(provider=deployment.provider, deployment_id=deployment.id,
@@ -353,8 +357,10 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
             raise
         content = "".join(parts)
         if usage is None:
+            generated = content + "".join(c.get("function", {}).get("arguments", "") for c in calls)
             usage = Usage(prompt_tokens=call.prompt_tokens(deployment.upstream_model),
-                          completion_tokens=tokens.count_text(content, deployment.upstream_model), source="estimated")
+                          completion_tokens=tokens.count_text(generated, deployment.upstream_model),
+                          source="estimated")
         latency = _ms(started)
         circuit.success()
         verdict = True
@@ -372,7 +378,7 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
             finish_reason=finish_reason or ("stop" if not request.max_tokens
                                             or usage.completion_tokens < request.max_tokens else "length"),
             latency_ms=_ms(call.started), ttft_ms=call.ttft_ms,
-            attempts=list(call.attempts),
+            attempts=list(call.attempts), tool_calls=calls or None,
         )
         await ratelimit.settle(lease, limits, actual_tokens=usage.total_tokens)
         unsettled = None
@@ -384,6 +390,21 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
         await upstream.aclose()
         if unsettled is not None:
             await ratelimit.settle(unsettled, limits, actual_tokens=call._prompt_tokens)
+
+
+def merge_tool_calls(calls: list[dict[str, Any]], pieces: list[dict[str, Any]]) -> None:
+    """Streamed function-call pieces into whole calls (OpenAI's shape): the first piece of a call (by `index`)
+    brings its id, type and name; the rest add slices of its arguments."""
+    for piece in pieces:
+        index = piece.get("index", len(calls))
+        while len(calls) <= index:
+            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        whole = calls[index]
+        whole["id"] = piece.get("id") or whole["id"]
+        whole["type"] = piece.get("type") or whole["type"]
+        function = piece.get("function") or {}
+        whole["function"]["name"] += function.get("name") or ""
+        whole["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _deadline_error(request: ChatRequest) -> UpstreamTimeout:

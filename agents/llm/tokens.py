@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Any
 
@@ -68,6 +69,8 @@ def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
         total += TOKENS_PER_MESSAGE
         total += len(encoding.encode_ordinary(message.get("role", "")))
         total += len(encoding.encode_ordinary(message_text(message.get("content"))))
+        if message.get("tool_calls"):  # an assistant turn that called functions: names and arguments
+            total += len(encoding.encode_ordinary(json.dumps(message["tool_calls"], separators=(",", ":"))))
         if message.get("name"):
             total += TOKENS_PER_NAME + len(encoding.encode_ordinary(message["name"]))
     return total

@@ -22,6 +22,10 @@ class ChatRequest:
     stop: list[str] | str | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+    # Function calling, passed through to OpenAI-compatible upstreams as given (the demo provider refuses them).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # Timeout for the primary model: to first token for streams, in total for whole replies.
     timeout: float | None = None
     fallback_model: str | None = None
@@ -83,6 +87,8 @@ class ChatResult:
     fallback: bool = False
     fallback_reason: str = ""
     attempts: list[Attempt] = field(default_factory=list)
+    # The function calls the model asked for (OpenAI's message.tool_calls), when it asked for any.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -105,6 +111,9 @@ class TextDelta:
     served: Served | None = None
     # The upstream's own finish_reason, on the piece that carried it (usually one with empty text).
     finish_reason: str | None = None
+    # Pieces of function calls as the upstream streamed them (OpenAI's delta.tool_calls: index, id, name, a slice
+    # of the arguments); passed on as they come, and merged into ChatResult.tool_calls at the end.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class LLMError(Exception):

@@ -57,7 +57,8 @@ def build_request(target: Target, messages: list[dict[str, Any]], *, account: An
 def _check_context(request: ChatRequest, target: Target, need_count: bool) -> int | None:
     """Counts the prompt when a limit needs it. A token is at least one character, so short prompts
     provably fit the context window without running the tokenizer."""
-    chars = sum(len(m["content"]) + len(m.get("name", "")) + 8 for m in request.messages) + 3
+    chars = sum(len(m.get("content") or "") + len(m.get("name", "")) + len(str(m.get("tool_calls") or "")) + 8
+                for m in request.messages) + 3 + len(str(request.tools or ""))
     window = target.model.context_window
     if not need_count and (not window or chars <= window):
         return None

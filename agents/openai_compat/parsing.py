@@ -1,7 +1,9 @@
 """Parse an OpenAI chat-completions request body into plain data (no database access here).
 
 Unknown fields are ignored, as OpenAI's own clients send fields we have no use for. Content in the
-list-of-parts form is joined to one string: the service layer speaks text only.
+list-of-parts form is joined to one string: the service layer speaks text only. Function calling (`tools`,
+`tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and `tool` messages) is checked for shape and passed
+through to the upstream.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from django.conf import settings
 
 from agents.openai_compat.errors import OpenAIError
 
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128  # OpenAI's own limit
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 @dataclass
@@ -70,7 +74,7 @@ def parse_messages(raw: Any) -> list[dict[str, Any]]:
             raise _bad("Each message must be an object.", param, "invalid_type")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad(f"Unsupported role {role!r}; expected one of system, developer, user, assistant.",
+            raise _bad(f"Unsupported role {role!r}; expected one of system, developer, user, assistant, tool.",
                        f"{param}.role", "invalid_value")
         text = _content_text(message.get("content"), f"{param}.content")
         if len(text) > settings.OPENAI_MAX_MESSAGE_CHARS:
@@ -80,8 +84,58 @@ def parse_messages(raw: Any) -> list[dict[str, Any]]:
         normalized: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
         if isinstance(message.get("name"), str) and message["name"]:
             normalized["name"] = message["name"]
+        if role == "assistant" and message.get("tool_calls") is not None:
+            normalized["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+            if message.get("content") is None:
+                normalized["content"] = None  # as the client sent it: some upstreams refuse "" beside tool_calls
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str) or not message["tool_call_id"]:
+                raise _bad("A 'tool' message needs the 'tool_call_id' it answers.", f"{param}.tool_call_id",
+                           "missing_required_parameter")
+            normalized["tool_call_id"] = message["tool_call_id"]
         messages.append(normalized)
     return messages
+
+
+def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant turn's earlier function calls, sent back with the tool results: kept as given, checked."""
+    if not isinstance(value, list):
+        raise _bad("'tool_calls' must be an array.", param, "invalid_type")
+    for n, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(call.get("id") if isinstance(call, dict) else None, str) or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str)):
+            raise _bad("Each tool call needs an 'id' and a 'function' with 'name' and 'arguments' strings.",
+                       f"{param}[{n}]", "invalid_value")
+    return value
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise _bad(f"'tools' must be an array of at most {MAX_TOOLS} tools.", "tools", "invalid_type")
+    for n, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str) or not function["name"]):
+            raise _bad("Each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}.",
+                       f"tools[{n}]", "invalid_value")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise _bad("A function's 'parameters' must be a JSON Schema object.", f"tools[{n}].function.parameters",
+                       "invalid_type")
+    return tools or None
+
+
+def _tool_choice(value: Any) -> str | dict[str, Any] | None:
+    if value is None or value in TOOL_CHOICES:
+        return value
+    function = value.get("function") if isinstance(value, dict) else None
+    if isinstance(function, dict) and value.get("type") == "function" and isinstance(function.get("name"), str):
+        return value
+    raise _bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+               "{\"name\": ...}}.", "tool_choice", "invalid_value")
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
@@ -135,6 +189,13 @@ def parse_body(raw: bytes) -> CompletionParams:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad("'user' must be a string.", "user", "invalid_type")
+    parallel_tool_calls = body.get("parallel_tool_calls")
+    if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+        raise _bad("'parallel_tool_calls' must be a boolean.", "parallel_tool_calls", "invalid_type")
+    tools = _tools(body)
+    tool_choice = _tool_choice(body.get("tool_choice"))
+    if tool_choice not in (None, "none") and not tools:
+        raise _bad("'tool_choice' needs 'tools'.", "tool_choice", "invalid_value")
 
     options = {
         "temperature": _number(body, "temperature", 0, 2),
@@ -142,6 +203,9 @@ def parse_body(raw: bytes) -> CompletionParams:
         "stop": _stop(body.get("stop")),
         "response_format": response_format,
         "user": user,
+        "tools": tools,
+        "tool_choice": tool_choice if tools else None,
+        "parallel_tool_calls": parallel_tool_calls if tools else None,
     }
     return CompletionParams(
         model=model,

@@ -72,6 +72,13 @@ class EventStreamResponse(StreamingHttpResponse):
             await self._iterator.aclose()
 
 
+def message_body(result: ChatResult) -> dict[str, Any]:
+    """The assistant message; with function calls its content is null when the model wrote no text, as OpenAI's."""
+    if not result.tool_calls:
+        return {"role": "assistant", "content": result.content, "refusal": None}
+    return {"role": "assistant", "content": result.content or None, "refusal": None, "tool_calls": result.tool_calls}
+
+
 @dataclass
 class Completion:
     """The id, creation time and model name shared by every chunk of one response."""
@@ -90,7 +97,7 @@ class Completion:
             "system_fingerprint": None,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": result.content, "refusal": None},
+                "message": message_body(result),
                 "logprobs": None,
                 "finish_reason": result.finish_reason or "stop",
             }],

@@ -142,6 +142,9 @@ async def _events(call: calls.PreparedCall, completion: responses.Completion,
             if item.content:
                 delivered.append(item.content)
                 yield completion.chunk({"content": item.content})
+            if item.tool_calls:  # function-call pieces, passed on as the upstream streamed them
+                delivered.extend(c.get("function", {}).get("arguments", "") for c in item.tool_calls)
+                yield completion.chunk({"tool_calls": item.tool_calls})
             item = await anext(stream, None)
         yield completion.chunk({}, finish_reason=(final.result.finish_reason if final else None) or "stop")
         if completion.include_usage and final is not None:
