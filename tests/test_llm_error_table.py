@@ -33,6 +33,7 @@ TABLE = [
     (RateLimited("x"), 429, 429, True, "rate_limit_exceeded", None),
     (BadUpstreamRequest("x"), 400, 502, False, "invalid_request_error", "false"),
     (ModelNotFound("x"), 404, 502, False, "invalid_request_error", "false"),
+    (BadUpstreamRequest("x", code="unsupported_parameter"), 400, 502, False, "invalid_request_error", "false"),
     (NoHealthyDeployment("x"), 503, 503, True, "server_error", None),
 ]
 

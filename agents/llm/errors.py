@@ -44,6 +44,8 @@ LLM_ERRORS: Final[Mapping[str, ErrorSpec]] = MappingProxyType({
     "rate_limited": ErrorSpec(429, True, RATE_LIMIT, 429),
     "bad_request": ErrorSpec(400, False, INVALID_REQUEST, 502),  # the upstream refused the request itself
     "model_not_found": ErrorSpec(404, False, INVALID_REQUEST, 502),
+    # A request field the provider cannot serve (the demo provider and `tools`): the caller's to change.
+    "unsupported_parameter": ErrorSpec(400, False, INVALID_REQUEST, 502),
     "no_healthy_deployment": ErrorSpec(503, True, SERVER, 503),
 })
 
