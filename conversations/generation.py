@@ -213,16 +213,20 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                                               True, reply.pk))
     finally:
         await sync_to_async(services.release_lock)(exchange)
-        await _record_key_tokens(api_key, reply)
+        await _record_key_tokens(api_key, reply, exchange.extra.get("key_hold"))
     return reply
 
 
-async def _record_key_tokens(api_key: Any, reply: Message) -> None:
-    """The tokens the reply used (real or estimated) count against the API key's tokens per minute."""
+async def _record_key_tokens(api_key: Any, reply: Message, hold: keylimits.Hold | None = None) -> None:
+    """The tokens the reply used (real or estimated) replace the hold on the API key's tokens per minute."""
     if not getattr(api_key, "tpm", None):
         return
     try:
-        await keylimits.record_tokens(api_key, reply.prompt_tokens + reply.completion_tokens)
+        used = reply.prompt_tokens + reply.completion_tokens
+        if hold is not None:
+            await keylimits.settle(hold, used)
+        else:
+            await keylimits.record_tokens(api_key, used)
     except Exception:  # noqa: BLE001 - the reply is stored; a lost count only loosens the limit
         logger.exception("could not record the key's tokens for reply %s", reply.pk)
 

@@ -104,6 +104,9 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     except LLMError as exc:
         await calls.finish_call(call, exc.partial)
         raise
+    except ApiError:
+        await calls.refused_call(call)
+        raise
     await calls.finish_call(call, metered.result)
     return JsonResponse(completion.body(metered.result), headers=responses.extras_headers(metered.result,
                                                                                           metered.cost))
@@ -119,6 +122,8 @@ async def _stream(call: calls.PreparedCall, completion: responses.Completion) ->
         await stream.aclose()
         if isinstance(exc, LLMError):
             await calls.finish_call(call, exc.partial)
+        elif isinstance(exc, ApiError):
+            await calls.refused_call(call)
         raise
     response = responses.EventStreamResponse(_events(call, completion, stream, first))
     served = first.result if isinstance(first, MeteredResult) else first

@@ -48,6 +48,9 @@ async def _run(*, user: Any, api_key: Any, target: str, prompt: str, workflow_ty
         except LLMError as exc:
             await calls.finish_call(call, exc.partial)
             raise
+        except ApiError:
+            await calls.refused_call(call)
+            raise
     except LLMError as exc:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
         raise ApiError(exc.message, code=exc.code, status_code=exc.http_status, retryable=exc.retryable,
