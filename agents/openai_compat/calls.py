@@ -15,6 +15,7 @@ from agents.llm.agent_request import build_agent_request
 from agents.llm.types import ChatRequest, ChatResult
 from agents.openai_compat import hotcache, keylimits
 from agents.openai_compat.targets import Target, resolve_target
+from aiwriter.db import released
 from aiwriter.errors import ApiError
 from usage.metering import CallContext
 
@@ -77,7 +78,7 @@ async def prepare_call(*, account: Any, api_key: Any, model_name: str, messages:
     the target is in this process's cache (hotcache)."""
     target = hotcache.get_target(model_name, api_key)  # on the loop: no query, no thread hop
     if target is None:
-        target = await sync_to_async(resolve_target)(model_name, api_key)
+        target = await sync_to_async(released(resolve_target))(model_name, api_key)
         hotcache.put_target(model_name, api_key, target)
     project = api_key.project if api_key is not None else ""
     request = build_request(target, messages, account=account, project=project, max_tokens=max_tokens,
