@@ -20,6 +20,7 @@ from asgiref.sync import sync_to_async
 from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from agents.openai_compat import keylimits
+from aiwriter.db import released
 from aiwriter.errors import ApiError
 from conversations import prompt, services
 from conversations.models import Message
@@ -155,7 +156,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                 await emit({"type": "delta", "message": reply.pk, "content": item.content})
                 if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                     last_checkpoint = time.monotonic()
-                    await sync_to_async(services.checkpoint)(exchange, "".join(parts))
+                    await sync_to_async(released(services.checkpoint))(exchange, "".join(parts))  # pool: not kept
         if metered is None:
             raise LLMError("The model stream ended without a result.", code="llm_error")
         result: ChatResult = metered.result
