@@ -49,7 +49,8 @@ class RequestIdMiddleware:
 
 
 class RejectNulMiddleware:
-    """A NUL character in the query string is bad input everywhere: 400 before any view can pass it to PostgreSQL."""
+    """A NUL character (%00) in the path or the query string is bad input everywhere: 400 before any view can pass
+    it to PostgreSQL (which cannot hold NUL in text: a lookup would fail with a 500). In OpenAI's shape on /v1."""
 
     async_capable = True
     sync_capable = True
@@ -61,9 +62,17 @@ class RejectNulMiddleware:
 
     @staticmethod
     def _refusal(request):
-        if any("\x00" in key or any("\x00" in v for v in values) for key, values in request.GET.lists()):
-            return error_response("bad_request", "Query parameters may not contain NUL characters.", 400)
-        return None
+        if "\x00" in request.path:
+            message = "The path may not contain NUL characters."
+        elif any("\x00" in key or any("\x00" in v for v in values) for key, values in request.GET.lists()):
+            message = "Query parameters may not contain NUL characters."
+        else:
+            return None
+        if request.path.startswith("/v1/"):
+            from agents.openai_compat.errors import OpenAIError
+
+            return OpenAIError(message, code="invalid_value").response()
+        return error_response("bad_request", message, 400)
 
     def __call__(self, request):
         if iscoroutinefunction(self):

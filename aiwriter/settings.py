@@ -116,11 +116,15 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
-    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", False):
-        DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # PostgreSQL: a bounded psycopg pool per process by default, so a burst waits for a connection
+    # (DB_POOL_TIMEOUT) instead of opening one per request and hitting max_connections (503s).
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True):
+        DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps the connections; Django requires 0
+        DATABASES["default"]["CONN_HEALTH_CHECKS"] = True  # a connection dead since an outage is replaced
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("DB_POOL_MIN", 2),
             "max_size": env_int("DB_POOL_MAX", 20),
+            "timeout": env_float("DB_POOL_TIMEOUT", 30.0),
         }
 else:
     DATABASES = {

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                  "MAX_CONCURRENT_CONVERSATIONS"):
         if name in env:
             os.environ[name] = env[name]
-    os.environ.pop("DB_POOL", None)  # the orchestrator uses a plain connection; only the servers pool
+    os.environ["DB_POOL"] = "0"  # the orchestrator uses a plain connection; only the servers pool
     log_dir = ROOT / "var" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
     ctx = setup.Context(args=args, quick=args.quick, deadline=started + args.budget, env=env, log_dir=log_dir)

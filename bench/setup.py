@@ -133,7 +133,8 @@ def bench_env(args: Any) -> dict[str, str]:
     })
     if args.db_pool:
         env["DB_POOL"] = "1"
-    else:
+    else:  # the pool is PostgreSQL's default: --no-db-pool turns it off
+        env["DB_POOL"] = "0"
         env.setdefault("DB_CONN_MAX_AGE", "600")
     return env
 

@@ -17,6 +17,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from aiwriter import parsers as json_body
 from aiwriter.errors import ApiError
 from aiwriter.ws_auth import credential_is_live
 from conversations import selectors, services
@@ -197,7 +198,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if len(text_data) > MAX_FRAME_CHARS:
             raise BadFrame(f"Frame too large (at most {MAX_FRAME_CHARS} characters).")
         try:
-            frame = json.loads(text_data)
+            frame = json_body.loads(text_data, allow_nul=False)  # NUL or deep nesting: bad_request, not a 500
+        except json_body.BadJSON as exc:
+            raise BadFrame(str(exc)) from exc
         except ValueError as exc:
             raise BadFrame("Frame is not valid JSON.") from exc
         if not isinstance(frame, dict):

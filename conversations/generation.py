@@ -25,6 +25,7 @@ from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from agents.openai_compat import keylimits
 from aiwriter import deferred
+from aiwriter.db import released
 from aiwriter.errors import ApiError
 from conversations import prompt, services
 from conversations.models import Message
@@ -251,7 +252,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         await _stop(heartbeat)
         if exchange.lock is not None:  # not reached the end (a bug below us): still free the conversation
             await sync_to_async(services.release_lock)(exchange)
-        await _record_key_tokens(api_key, reply)
+        await _record_key_tokens(api_key, reply, exchange.extra.get("key_hold"))
     return reply
 
 
@@ -287,7 +288,7 @@ async def _finish_or_defer(exchange: Exchange, values: dict[str, Any]) -> bool:
     def write() -> None:
         services.finish_reply(exchange, **values)
 
-    return await sync_to_async(deferred.run_or_defer)(f"reply:{exchange.reply.pk}", write)
+    return await sync_to_async(released(deferred.run_or_defer))(f"reply:{exchange.reply.pk}", write)
 
 
 def _heartbeat_seconds() -> float:
@@ -307,7 +308,7 @@ async def _heartbeat(exchange: Exchange, parts: list[str]) -> None:
     while True:
         await asyncio.sleep(_heartbeat_seconds())
         try:
-            await sync_to_async(beat)("".join(parts))
+            await sync_to_async(released(beat))("".join(parts))  # pool: the connection is not kept
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a missed beat: the next one (or the lease's slack) covers it
@@ -327,12 +328,16 @@ async def _stop(task: asyncio.Task) -> None:
         pass
 
 
-async def _record_key_tokens(api_key: Any, reply: Message) -> None:
-    """The tokens the reply used (real or estimated) count against the API key's tokens per minute."""
+async def _record_key_tokens(api_key: Any, reply: Message, hold: keylimits.Hold | None = None) -> None:
+    """The tokens the reply used (real or estimated) replace the hold on the API key's tokens per minute."""
     if not getattr(api_key, "tpm", None):
         return
     try:
-        await keylimits.record_tokens(api_key, reply.prompt_tokens + reply.completion_tokens)
+        used = reply.prompt_tokens + reply.completion_tokens
+        if hold is not None:
+            await keylimits.settle(hold, used)
+        else:
+            await keylimits.record_tokens(api_key, used)
     except Exception:  # noqa: BLE001 - the reply is stored; a lost count only loosens the limit
         logger.exception("could not record the key's tokens for reply %s", reply.pk)
 

@@ -172,16 +172,27 @@ def _validate_content(content: Any) -> str:
     return content
 
 
-def _check_key_rate(api_key: Any, content: str) -> None:
+def _check_key_rate(api_key: Any, content: str, agent: Agent) -> keylimits.Hold | None:
     """The API key's requests and tokens per minute, as on /v1 and the writer endpoints (shared counters).
 
-    The new message's tokens stand for the prompt; the reply's real usage is added when it ends
+    The new message's tokens stand for the prompt, and the agent's maximum output is held with them, so
+    concurrent messages see each other; the reply's real usage replaces the hold when it ends
     (`generation.run_exchange`). A session has no key and no such limit. Raises KeyRateLimited (429).
     """
     if not (getattr(api_key, "rpm", None) or getattr(api_key, "tpm", None)):
-        return
+        return None
     prompt_tokens = tokens.count_messages([{"role": "user", "content": content}]) if api_key.tpm else 0
-    async_to_sync(keylimits.acquire)(api_key, prompt_tokens=prompt_tokens)
+    max_output = None
+    if api_key.tpm:  # the agent's max_tokens at most the model's cap, as the reply's request gets it
+        cap, wanted = agent.model.max_output_tokens, agent.max_tokens
+        max_output = (min(wanted, cap) if wanted and cap else wanted or cap) or None
+    return async_to_sync(keylimits.acquire)(api_key, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+
+
+def _release_key_hold(hold: keylimits.Hold | None) -> None:
+    """No model call will follow (refused, moderated or failed before storing): the hold used no tokens."""
+    if hold is not None:
+        async_to_sync(keylimits.settle)(hold, 0)
 
 
 def _replay(conversation: Conversation, client_id: str | None) -> Exchange | None:
@@ -218,7 +229,7 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
         if replay is not None:
             locks.release(lock)
             return replay
-        _check_key_rate(api_key, content)
+        hold = _check_key_rate(api_key, content, conversation.agent)
 
         def insert(numbers: list[int]) -> tuple[Message, Message]:
             user_message = Message.objects.create(
@@ -230,8 +241,13 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
             _count_messages(conversation, 2, title_from=content)
             return user_message, reply
 
-        user_message, reply = sequence.insert_with_sequence(conversation.pk, 2, insert)
-        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock)
+        try:
+            user_message, reply = sequence.insert_with_sequence(conversation.pk, 2, insert)
+        except BaseException:
+            _release_key_hold(hold)
+            raise
+        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock,
+                            extra={"key_hold": hold})
         _moderate(exchange)
         return exchange
     except BaseException:
@@ -253,7 +269,7 @@ def begin_retry(*, user, conversation: Conversation, message: Message, api_key: 
         newer = user_message.replies.filter(sequence__gt=message.sequence).exists()
         if newer or user_message.status == Message.Status.SUCCESS:
             raise NotRetryable()
-        _check_key_rate(api_key, user_message.content)
+        hold = _check_key_rate(api_key, user_message.content, conversation.agent)
 
         def insert(numbers: list[int]) -> Message:
             reply = Message.objects.create(
@@ -264,9 +280,14 @@ def begin_retry(*, user, conversation: Conversation, message: Message, api_key: 
             _count_messages(conversation, 1)
             return reply
 
-        reply = sequence.insert_with_sequence(conversation.pk, 1, insert)
+        try:
+            reply = sequence.insert_with_sequence(conversation.pk, 1, insert)
+        except BaseException:
+            _release_key_hold(hold)
+            raise
         user_message.refresh_from_db()
-        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock)
+        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock,
+                            extra={"key_hold": hold})
         _moderate(exchange)
         return exchange
     except BaseException:
@@ -293,6 +314,7 @@ def _moderate(exchange: Exchange) -> None:
                  error_code="content_violation")
     locks.release(exchange.lock)
     exchange.lock = None
+    _release_key_hold(exchange.extra.get("key_hold"))
 
 
 def finish_reply(exchange: Exchange, *, status: str, content: str = "", error_message: str = "",

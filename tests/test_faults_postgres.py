@@ -46,7 +46,8 @@ def test_a_lost_database_connection_is_503_retryable_with_no_half_written_charge
     conversation = Conversation.objects.create(owner=alice, agent=agent)
     db = connection.settings_dict
     link = DatabaseLink(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
-    daphne = daphne_processes(DATABASE_URL=database_url_through(link))
+    # A request waits DB_POOL_TIMEOUT for a pooled connection before 503: short here, as the link stays cut.
+    daphne = daphne_processes(DATABASE_URL=database_url_through(link), DB_POOL_TIMEOUT="2")
     fake_upstream.configure("db-gpt", latency=1.5)
     url = f"{daphne.base_url}/api/conversations/{conversation.pk}/messages/"
 

@@ -52,12 +52,35 @@ async def test_keys_are_counted_apart():
 
 async def test_tpm_counts_the_tokens_calls_used():
     limited = key(tpm=100)
-    await keylimits.acquire(limited, prompt_tokens=30, now=T0)
-    await keylimits.record_tokens(limited, 80, now=T0 + 1)
+    hold = await keylimits.acquire(limited, prompt_tokens=30, max_output_tokens=60, now=T0)
+    assert hold.tokens == 90  # the prompt and the most the call may write, until it ends
+    await keylimits.settle(hold, 80, now=T0 + 1)
     with pytest.raises(keylimits.KeyRateLimited) as info:
         await keylimits.acquire(limited, prompt_tokens=30, now=T0 + 2)
     assert info.value.extra == {"limit": "tokens"} and info.value.retryable
     await keylimits.acquire(limited, prompt_tokens=15, now=T0 + 3)  # 80 + 15 fits
+
+
+async def test_concurrent_calls_see_each_others_holds():
+    limited = key(tpm=100)
+    first = await keylimits.acquire(limited, prompt_tokens=10, max_output_tokens=40, now=T0)
+    second = await keylimits.acquire(limited, prompt_tokens=10, max_output_tokens=40, now=T0)
+    assert (first.tokens, second.tokens) == (50, 50)
+    with pytest.raises(keylimits.KeyRateLimited):  # all held, though nothing has been used yet
+        await keylimits.acquire(limited, prompt_tokens=1, now=T0)
+    await keylimits.settle(first, 20, now=T0 + 1)  # used less than it held: the rest is free again
+    await keylimits.settle(first, 0, now=T0 + 1)  # settled once only
+    assert (await keylimits.acquire(limited, prompt_tokens=10, now=T0 + 2)).tokens == 30
+
+
+async def test_a_call_without_a_maximum_output_holds_the_rest_of_the_minute():
+    limited = key(tpm=100)
+    hold = await keylimits.acquire(limited, prompt_tokens=10, now=T0)
+    assert hold.tokens == 100
+    with pytest.raises(keylimits.KeyRateLimited):
+        await keylimits.acquire(limited, prompt_tokens=10, max_output_tokens=1, now=T0)
+    await keylimits.settle(hold, 40, now=T0 + 5)
+    assert (await keylimits.acquire(limited, prompt_tokens=10, max_output_tokens=5, now=T0 + 6)).tokens == 15
 
 
 async def test_a_prompt_larger_than_tpm_is_refused_for_good():

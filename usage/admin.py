@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Iterator
 from decimal import Decimal
@@ -23,7 +22,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from aiwriter.errors import ApiError
-from usage import periods
+from usage import csv_export, periods
 from usage.models import (
     AdminDebugLog,
     ApiKey,
@@ -254,18 +253,6 @@ class QuotaAlertAdmin(ReadOnlyAdmin):
 # --- Usage records ------------------------------------------------------------------
 
 
-def _csv_cell(value: Any) -> Any:
-    # Spreadsheet apps run cells that start with = + - @ as formulas; user-given text must not.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
 USAGE_CSV_COLUMNS = ["id", "created_at", "user", "project", "agent", "api_key", "entry_point", "provider", "model",
                      "upstream_model", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "total_tokens",
                      "token_source", "cost", "status", "error_code", "cached", "fallback", "debug", "charged",
@@ -273,14 +260,14 @@ USAGE_CSV_COLUMNS = ["id", "created_at", "user", "project", "agent", "api_key", 
 
 
 def usage_csv_rows(queryset: QuerySet) -> Iterator[list[Any]]:
-    yield USAGE_CSV_COLUMNS
+    """The admin's rows (without the header); `usage.csv_export` escapes and streams them."""
     for r in queryset.select_related("user", "agent", "api_key").order_by("id").iterator(chunk_size=2000):
-        yield [_csv_cell(v) for v in (
+        yield [
             r.pk, r.created_at.isoformat(), r.user.get_username(), r.project, r.agent.slug if r.agent else "",
             r.api_key.prefix if r.api_key else "", r.entry_point, r.provider, r.model, r.upstream_model,
             r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
             f"{r.cost:f}", r.status, r.error_code, r.cached, r.fallback, r.debug, r.charged, r.latency_ms, r.ttft_ms,
-        )]
+        ]
 
 
 @admin.register(UsageRecord)
@@ -303,12 +290,8 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Export selected to CSV")
     def export_csv(self, request: HttpRequest, queryset: QuerySet) -> StreamingHttpResponse:
-        writer = csv.writer(_Echo())
-        response = StreamingHttpResponse((writer.writerow(row) for row in usage_csv_rows(queryset)),
-                                         content_type="text/csv; charset=utf-8")
         stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
-        response["Content-Disposition"] = f'attachment; filename="usage-{stamp}.csv"'
-        return response
+        return csv_export.response(USAGE_CSV_COLUMNS, usage_csv_rows(queryset), f"usage-{stamp}.csv")
 
 
 # --- Debug logs and billing sync ------------------------------------------------------

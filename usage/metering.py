@@ -40,6 +40,7 @@ from django.db import Error as DatabaseError  # InterfaceError too: a connection
 from agents.llm import service, tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from aiwriter import deferred
+from aiwriter.db import released
 from aiwriter.observability import add_timing, timing
 from usage import services
 from usage.models import UsageRecord
@@ -167,7 +168,7 @@ async def _drain(inner: AsyncGenerator[TextDelta | ChatResult, None], delivered:
 async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
     # Shielded: a second cancellation of the caller must not lose the record of a call the upstream served.
     with timing("metering"):
-        record, pending = await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
+        record, pending = await asyncio.shield(sync_to_async(released(_finish))(ctx, plan, outcome))
     ctx.usage_record = record
     return record, pending
 
@@ -176,7 +177,8 @@ async def metered_stream(ctx: CallContext, request: ChatRequest, *,
                          whole: bool = False) -> AsyncGenerator[TextDelta | MeteredResult, None]:
     """whole=True (metered_complete): no TextDelta, whole-reply semantics of service.complete (timeout in total)."""
     with timing("quota"):  # quota check and the credit hold
-        plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)
+        # released: no pooled connection held while the model answers (aiwriter/db.py)
+        plan = await sync_to_async(released(services.begin_call))(ctx=ctx, request=request, now=ctx.now)
     started = time.monotonic()
     ttft_ms: int | None = None
     delivered: list[str] = []

@@ -7,6 +7,8 @@ from decimal import ROUND_HALF_UP, Context, Decimal
 
 MONEY_PLACES = Decimal("1e-10")
 CENT = Decimal("0.01")
+# Money columns are NUMERIC(24, 10) (usage.models.MONEY): 14 whole digits. A balance must stay below this.
+MONEY_LIMIT = Decimal(10) ** 14
 MILLION = Decimal(1_000_000)
 ZERO = Decimal("0")
 # Enough digits for a trillion tokens at the highest allowed price without losing a place.

@@ -40,7 +40,7 @@ from usage.models import (
     UsageCounter,
     UsageRecord,
 )
-from usage.money import ZERO, call_cost, quantize
+from usage.money import MONEY_LIMIT, ZERO, call_cost, quantize
 from usage.selectors import Limits, month_counters, quota_limits
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ def grant_credits(*, user: AbstractBaseUser, amount: Decimal, reason: str, creat
         account = CreditAccount.objects.select_for_update().get(user=user)
         if account.balance + amount < account.reserved:
             raise InsufficientBalance("The adjustment would take the balance below zero or below what is held.")
+        if account.balance + amount >= MONEY_LIMIT:  # the column would overflow: a 500 otherwise
+            raise ApiError(f"The balance would pass the largest amount kept ({MONEY_LIMIT - 1}).", code="invalid")
         account.balance += amount
         account.save(update_fields=["balance", "updated_at"])
         return LedgerEntry.objects.create(account=account, amount=amount, kind=kind, reason=reason[:255],

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import renderers, serializers, status
 from rest_framework.exceptions import PermissionDenied
@@ -17,7 +15,7 @@ from rest_framework.views import APIView
 
 from agents.models import Agent
 from aiwriter.errors import NotFound
-from usage import debug, selectors, services
+from usage import csv_export, debug, selectors, services
 from usage.models import ApiKey
 from usage.money import to_cents
 from usage.periods import local_day
@@ -124,11 +122,6 @@ class CSVRenderer(renderers.BaseRenderer):
         return renderers.JSONRenderer().render(data)
 
 
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
 CSV_COLUMNS = ["id", "created_at", "entry_point", "project", "agent_id", "provider", "model", "prompt_tokens",
                "cached_prompt_tokens", "completion_tokens", "total_tokens", "token_source", "cost", "cost_cents",
                "charged", "cached", "fallback", "status", "error_code", "latency_ms", "workflow_type"]
@@ -148,21 +141,12 @@ class UsageRecordsExportView(APIView):
     @extend_schema(parameters=[UsageQuerySerializer], responses={(200, "text/csv"): str})
     def get(self, request):
         flt, _ = _filter(request)
-        writer = csv.writer(_Echo())
-
-        def rows():
-            yield writer.writerow(CSV_COLUMNS)
-            for r in selectors.usage_records(flt).iterator(chunk_size=2000):
-                yield writer.writerow([
-                    r.pk, r.created_at.isoformat(), r.entry_point, r.project, r.agent_id or "", r.provider, r.model,
-                    r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
-                    format(r.cost, "f"), to_cents(r.cost), r.charged, r.cached, r.fallback, r.status, r.error_code,
-                    r.latency_ms if r.latency_ms is not None else "", r.workflow_type,
-                ])
-
-        response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="usage-{flt.start}-{flt.end}.csv"'
-        return response
+        rows = ([r.pk, r.created_at.isoformat(), r.entry_point, r.project, r.agent_id or "", r.provider, r.model,
+                 r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
+                 format(r.cost, "f"), to_cents(r.cost), r.charged, r.cached, r.fallback, r.status, r.error_code,
+                 r.latency_ms if r.latency_ms is not None else "", r.workflow_type]
+                for r in selectors.usage_records(flt).iterator(chunk_size=2000))
+        return csv_export.response(CSV_COLUMNS, rows, f"usage-{flt.start}-{flt.end}.csv")
 
 
 class QuotaView(APIView):

@@ -15,6 +15,7 @@ from agents.llm.agent_request import build_agent_request
 from agents.llm.types import ChatRequest, ChatResult
 from agents.openai_compat import hotcache, keylimits
 from agents.openai_compat.targets import Target, resolve_target
+from aiwriter.db import released
 from aiwriter.errors import ApiError
 from usage.metering import CallContext
 
@@ -31,6 +32,7 @@ class PreparedCall:
     ctx: CallContext
     request: ChatRequest
     prompt_tokens: int | None  # counted only when a limit needed it
+    hold: keylimits.Hold | None = None  # the key's TPM tokens held at admission, settled by finish_call
 
 
 def build_request(target: Target, messages: list[dict[str, Any]], *, account: Any, project: str = "",
@@ -77,15 +79,16 @@ async def prepare_call(*, account: Any, api_key: Any, model_name: str, messages:
     the target is in this process's cache (hotcache)."""
     target = hotcache.get_target(model_name, api_key)  # on the loop: no query, no thread hop
     if target is None:
-        target = await sync_to_async(resolve_target)(model_name, api_key)
+        target = await sync_to_async(released(resolve_target))(model_name, api_key)
         hotcache.put_target(model_name, api_key, target)
     project = api_key.project if api_key is not None else ""
     request = build_request(target, messages, account=account, project=project, max_tokens=max_tokens,
                             options=options)
     prompt_tokens = _check_context(request, target, need_count=bool(api_key is not None and api_key.tpm))
-    await keylimits.acquire(api_key, prompt_tokens=prompt_tokens or 0)
+    hold = await keylimits.acquire(api_key, prompt_tokens=prompt_tokens or 0,
+                                   max_output_tokens=request.max_tokens or target.model.max_output_tokens or None)
     ctx = CallContext(user=account, entry_point=entry_point, api_key=api_key, project=project, agent=target.agent)
-    return PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=prompt_tokens)
+    return PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=prompt_tokens, hold=hold)
 
 
 def tokens_used(call: PreparedCall, result: ChatResult | None, delivered: str = "") -> int:
@@ -99,5 +102,17 @@ def tokens_used(call: PreparedCall, result: ChatResult | None, delivered: str = 
 
 
 async def finish_call(call: PreparedCall, result: ChatResult | None, delivered: str = "") -> None:
-    if call.ctx.api_key is not None and call.ctx.api_key.tpm:
-        await keylimits.record_tokens(call.ctx.api_key, tokens_used(call, result, delivered))
+    """The tokens the call used replace its hold on the key's TPM (once; later calls do nothing)."""
+    if call.ctx.api_key is None or not call.ctx.api_key.tpm or (call.hold is not None and call.hold.settled):
+        return
+    used = tokens_used(call, result, delivered)
+    if call.hold is not None:
+        await keylimits.settle(call.hold, used)
+    else:  # admitted without a hold (Redis was down): count what it used all the same
+        await keylimits.record_tokens(call.ctx.api_key, used)
+
+
+async def refused_call(call: PreparedCall) -> None:
+    """Metering refused the call before the model was asked (balance, quota, key budget): no tokens used.
+    A call that ends any other unforeseen way keeps its hold until its window ends (the safe side)."""
+    await keylimits.settle(call.hold, 0)

@@ -8,13 +8,13 @@ through to the upstream.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 
 from agents.openai_compat.errors import OpenAIError
+from aiwriter import parsers as json_body
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP_SEQUENCES = 4
@@ -163,7 +163,9 @@ def _stop(value: Any) -> str | list[str] | None:
 
 def parse_body(raw: bytes) -> CompletionParams:
     try:
-        body = json.loads(raw)
+        body = json_body.loads(raw)  # nesting bounded: no RecursionError (500) on a deep document
+    except json_body.BadJSON as exc:
+        raise _bad(f"The request body is refused: {exc}", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError):
         raise _bad("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):

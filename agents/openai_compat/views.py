@@ -19,6 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from agents.llm.types import LLMError, ModelNotFound, TextDelta
 from agents.openai_compat import calls, errors, hotcache, parsing, responses, targets
+from aiwriter.db import released
 from aiwriter.errors import ApiError
 from aiwriter.observability import timing
 from usage.authentication import bearer_token, resolve_api_key
@@ -66,7 +67,7 @@ async def _authenticate(request: HttpRequest) -> ApiKey:
     with timing("auth"):
         api_key = hotcache.get_key(raw)  # on the loop: no query, no thread hop
         if api_key is None:
-            api_key = await sync_to_async(resolve_api_key)(raw)
+            api_key = await sync_to_async(released(resolve_api_key))(raw)  # no pooled connection kept after
             if api_key is None:
                 raise errors.invalid_api_key()
             hotcache.put_key(raw, api_key)
@@ -104,6 +105,9 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     except LLMError as exc:
         await calls.finish_call(call, exc.partial)
         raise
+    except ApiError:
+        await calls.refused_call(call)
+        raise
     await calls.finish_call(call, metered.result)
     return JsonResponse(completion.body(metered.result), headers=responses.extras_headers(metered.result,
                                                                                           metered.cost))
@@ -119,6 +123,8 @@ async def _stream(call: calls.PreparedCall, completion: responses.Completion) ->
         await stream.aclose()
         if isinstance(exc, LLMError):
             await calls.finish_call(call, exc.partial)
+        elif isinstance(exc, ApiError):
+            await calls.refused_call(call)
         raise
     response = responses.EventStreamResponse(_events(call, completion, stream, first))
     served = first.result if isinstance(first, MeteredResult) else first

@@ -57,6 +57,9 @@ async def _run(*, user: Any, api_key: Any, target: str, prompt: str, workflow_ty
         except LLMError as exc:
             await calls.finish_call(call, exc.partial)
             raise
+        except ApiError:
+            await calls.refused_call(call)
+            raise
     except LLMError as exc:
         raise api_error(exc) from exc
     await calls.finish_call(call, metered.result)
