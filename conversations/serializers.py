@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from conversations import selectors
 from conversations.models import Conversation, Message
+from usage.serializers import MoneyField
 
 
 class ConversationCreateInput(serializers.Serializer):
@@ -45,6 +46,7 @@ class ConversationSerializer(serializers.ModelSerializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     error_display = serializers.SerializerMethodField()
+    cost = MoneyField()  # the one money format (usage.money.money_str): "0.0005725", never "0E-10"
     total_tokens = serializers.SerializerMethodField()
 
     class Meta:

@@ -11,6 +11,7 @@ from aiwriter.asgi import application
 from conversations import locks
 from conversations.models import Conversation, Message
 from tests.factories import make_api_key
+from usage.money import money_str
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,7 +79,7 @@ async def test_streams_thinking_generating_deltas_done_with_real_usage(alice_key
     assert set(done) == {"type", "message", "status", "usage", "cost", "model", "fallback"}  # the public shape
     assert set(done["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}
     assert done["message"] == reply.pk and done["status"] == "success" and done["fallback"] is False
-    assert done["model"] == "chat-model" and done["cost"] == str(reply.cost)
+    assert done["model"] == "chat-model" and done["cost"] == money_str(reply.cost)
     usage = done["usage"]
     assert usage["estimated"] is False and usage["completion_tokens"] == reply.completion_tokens > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

@@ -36,6 +36,7 @@ from usage.models import (
     QuotaAlert,
     UsageRecord,
 )
+from usage.money import money_str
 
 MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)
 # Management commands that push usage to the billing system, in the order we look for them.
@@ -279,7 +280,8 @@ def usage_csv_rows(queryset: QuerySet) -> Iterator[list[Any]]:
             r.pk, r.created_at.isoformat(), r.user.get_username(), r.project, r.agent.slug if r.agent else "",
             r.api_key.prefix if r.api_key else "", r.entry_point, r.provider, r.model, r.upstream_model,
             r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
-            f"{r.cost:f}", r.status, r.error_code, r.cached, r.fallback, r.debug, r.charged, r.latency_ms, r.ttft_ms,
+            money_str(r.cost), r.status, r.error_code, r.cached, r.fallback, r.debug, r.charged, r.latency_ms,
+            r.ttft_ms,
         )]
 
 

@@ -19,7 +19,7 @@ from agents.models import Agent
 from aiwriter.errors import NotFound
 from usage import debug, selectors, services
 from usage.models import ApiKey
-from usage.money import to_cents
+from usage.money import money_str, to_cents
 from usage.periods import local_day
 from usage.serializers import (
     STATS_SCHEMA,
@@ -155,7 +155,7 @@ class UsageRecordsExportView(APIView):
                 yield writer.writerow([
                     r.pk, r.created_at.isoformat(), r.entry_point, r.project, r.agent_id or "", r.provider, r.model,
                     r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
-                    format(r.cost, "f"), to_cents(r.cost), r.charged, r.cached, r.fallback, r.status, r.error_code,
+                    money_str(r.cost), to_cents(r.cost), r.charged, r.cached, r.fallback, r.status, r.error_code,
                     r.latency_ms if r.latency_ms is not None else "", r.workflow_type,
                 ])
 
