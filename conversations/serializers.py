@@ -18,6 +18,14 @@ class ConversationCreateInput(serializers.Serializer):
                                    help_text="Always start a new conversation (no 5-minute dedupe).")
 
 
+class ConversationListQuery(serializers.Serializer):
+    include_failed = serializers.BooleanField(
+        required=False, default=False,
+        help_text="Also list conversations without a successful reply (failed, stopped, interrupted).")
+    q = serializers.CharField(required=False, default="", allow_blank=True, max_length=200,
+                              help_text="Search: matches the title or any message's text, case-insensitive.")
+
+
 class ConversationUpdateInput(serializers.Serializer):
     title = serializers.CharField(max_length=200, allow_blank=True)
 

@@ -1,17 +1,15 @@
 // The user's page: balance, this month's usage against quota, spend per day, API keys.
 
 import { api, readJsonScript, results } from "./api.js";
+import { formatMoney } from "./money.js";
 import { barChartSvg } from "./svgchart.js";
 
 const config = readJsonScript("page-config", { currency: "" });
 const $ = (id) => document.getElementById(id);
 
 function money(value, currency = config.currency) {
-  if (value === null || value === undefined || value === "") return "—";
-  // Display only: the server's decimal string, shown with 2 to 4 decimals.
-  const shown = new Intl.NumberFormat("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 4 })
-    .format(Number(value));
-  return `${shown} ${currency || ""}`.trim();
+  // The one money format (static/js/money.js): the server's string, trimmed, never rounded through a float.
+  return formatMoney(value, currency) || "—";
 }
 
 function dateText(value) {
