@@ -78,6 +78,7 @@ const state = {
   conversations: [],
   follow: true,                 // keep the newest text in view (false once the user scrolls up)
   polling: false,
+  loading: false,               // a conversation's messages are being read
 };
 
 function uuid() {
@@ -272,7 +273,8 @@ function bubbleFor(frame, { create = true } = {}) {
     if (id !== undefined && id !== null) bindBubble(waiting, id);
     return waiting;
   }
-  if (!create || id === undefined || id === null) return null;
+  // While a conversation's messages load, frames of a reply not drawn yet wait for it (the load draws it).
+  if (!create || id === undefined || id === null || state.loading) return null;
   const bubble = createBubble("assistant", { id });
   bubble.resumed = true;
   return bubble;
@@ -595,16 +597,20 @@ async function openConversation(id, { push = true } = {}) {
   highlightConversation();
   socket.send({ type: "subscribe", conversation: id });
   loadConversationData(id);
+  state.loading = true;
   try {
-    for (const m of await fetchMessages(id)) {
-      if (String(id) !== String(state.conversation)) return;
+    const messages = await fetchMessages(id);
+    if (String(id) !== String(state.conversation)) return;
+    for (const m of messages) {
       if (m.role === "system") continue;
-      applyMessage(createBubble(m.role, { id: m.id, text: m.content || "" }), m);
+      applyMessage(state.bubbles.get(String(m.id)) || createBubble(m.role, { id: m.id, text: m.content || "" }), m);
     }
     scrollDown();
     pollUnfinished(id);
   } catch (err) {
     notice(`Could not load this conversation: ${err.message}`);
+  } finally {
+    if (String(id) === String(state.conversation)) state.loading = false;
   }
   updateButtons();
 }
