@@ -263,6 +263,11 @@ def test_live_cost_is_a_plain_decimal(browser_page, web_server, agent, alice, fa
     priced = Message.objects.filter(role="assistant", cost__gt=0).get()
     assert f"cost {money_str(priced.cost)} CNY" in meta.inner_text()
     assert not re.search(r"\d0 CNY", meta.inner_text()), "no trailing zeros"
+    shown = page.evaluate("""async () => {
+      const { formatMoney } = await import("/static/js/money.js");
+      return ["0E-10", "0.0005725000", "1.5E-7", "2.5000000000", "100"].map((v) => formatMoney(v, "CNY"));
+    }""")
+    assert shown == ["0 CNY", "0.0005725 CNY", "0.00000015 CNY", "2.5 CNY", "100 CNY"]
 
 
 # --- 8. the length limit is said, counted and explained ----------------------------------------------------
