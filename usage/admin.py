@@ -243,6 +243,14 @@ class QuotaAdmin(admin.ModelAdmin):
     def project_display(self, obj: Quota) -> str:
         return obj.project or "(all projects)"
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        # Said where the number is typed (kept out of the model, so no migration for a help text).
+        for name, unit in (("monthly_token_limit", "tokens"), ("monthly_cost_limit", settings.CURRENCY)):
+            if name in form.base_fields:
+                form.base_fields[name].help_text = f"Per calendar month, in {unit}. 0 means unlimited."
+        return form
+
 
 @admin.register(QuotaAlert)
 class QuotaAlertAdmin(ReadOnlyAdmin):
