@@ -317,14 +317,22 @@ function onDone(frame) {
   const bubble = bubbleFor(frame);
   if (!bubble) return;
   bubble.final = true;
+  // A reply followed from the middle (reload, reconnect) may have missed frames: show the stored text first.
+  if (bubble.resumed && state.conversation !== null) {
+    bubble.resumed = false;
+    refreshBubble(bubble).then(() => finishDone(bubble, frame));
+    return;
+  }
+  finishDone(bubble, frame);
+}
+
+function finishDone(bubble, frame) {
   state.streaming.delete(String(bubble.id));
   setStatus(bubble, frame.status || "success");
   const usage = frame.usage || {};
   setMeta(bubble, { tokens: usage.total_tokens, cost: frame.cost, model: frame.model, fallback: frame.fallback,
                     estimated: usage.estimated });
   if (frame.status && frame.status !== "success") showFailure(bubble, frame.status, "", { retryable: true });
-  // A reply followed from the middle (reload, reconnect) may have missed frames: take the stored text.
-  if (bubble.resumed && state.conversation !== null) refreshBubble(bubble);
   updateButtons();
   loadConversations();
 }
@@ -333,7 +341,10 @@ async function refreshBubble(bubble) {
   try {
     const m = await api(`/api/conversations/${state.conversation}/messages/?limit=500`);
     const found = results(m).find((x) => String(x.id) === String(bubble.id));
-    if (found) setText(bubble, found.content || "");
+    if (found) {
+      bubble.text = found.content || "";
+      render(bubble);
+    }
   } catch { /* the streamed text stays */ }
 }
 
