@@ -13,6 +13,7 @@ from django.utils import timezone
 from agents.llm import breaker, cache, health, metrics
 from agents.models import Agent, Deployment, LLMModel, Provider
 from usage.models import ModelPrice, UsageRecord
+from usage.money import money_str
 
 
 def current_price(model: LLMModel | int, *, at: datetime | None = None) -> ModelPrice | None:
@@ -126,7 +127,7 @@ def service_health() -> dict[str, Any]:
 
 
 def _money(value: Decimal | None) -> str:
-    return format((value or Decimal("0")).normalize(), "f")
+    return money_str(value)
 
 
 def service_metrics(start: datetime | None = None, end: datetime | None = None) -> dict[str, Any]:

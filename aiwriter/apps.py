@@ -11,3 +11,9 @@ class AiwriterConfig(AppConfig):
         from aiwriter import checks, observability  # noqa: F401 - checks registers itself
 
         observability.connect()
+        # Our product's name in the operator console, not "Django administration".
+        from django.contrib import admin
+
+        admin.site.site_header = "aiwriter · operator console"
+        admin.site.site_title = "aiwriter admin"
+        admin.site.index_title = "Providers, models, agents, users and billing"

@@ -45,7 +45,8 @@ def _enabled_agents() -> list[dict[str, str]]:
 def chat(request: HttpRequest) -> HttpResponse:
     return render(request, "chat/index.html", {
         "agents": _enabled_agents(),
-        "page_config": {"currency": settings.CURRENCY, "max_chars": settings.MAX_MESSAGE_CHARS},
+        "page_config": {"currency": settings.CURRENCY, "max_chars": settings.MAX_MESSAGE_CHARS,
+                        "is_staff": request.user.is_staff},
     })
 
 

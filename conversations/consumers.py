@@ -28,14 +28,20 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 # A frame carries at most one message; JSON escaping can grow text up to 6x (\\uXXXX).
 MAX_FRAME_CHARS = settings.MAX_MESSAGE_CHARS * 6 + 4096
-# How long a disconnect waits for cancelled generations to store their final state.
-DISCONNECT_GRACE_SECONDS = 10.0
 # Joining a group right after Redis restarted fails once while its client reconnects.
 JOIN_ATTEMPTS = 3
+# How long a message sent right after `done` waits for the previous reply's final write.
+PREVIOUS_WRITE_WAIT_SECONDS = 10.0
 
 
 def group_name(conversation_id: int) -> str:
     return f"chat.conv.{conversation_id}"
+
+
+# Generations running in this process, by conversation. A generation outlives the socket that started it
+# (a reload or a closed tab does not stop a reply; only a `cancel` frame does), so a cancel from the
+# reconnected socket must find it here rather than on the old consumer.
+RUNNING: dict[int, asyncio.Task] = {}
 
 
 def _cancel_soon(task: asyncio.Task) -> None:
@@ -155,12 +161,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def disconnect(self, code: int) -> None:
-        # Decision (docs/chat.md): a disconnect stops this socket's generations; each keeps its text.
-        tasks = [task for task in getattr(self, "generations", {}).values() if not task.done()]
-        for task in tasks:
-            _cancel_soon(task)
-        if tasks:
-            await asyncio.wait(tasks, timeout=DISCONNECT_GRACE_SECONDS)
+        # Decision (docs/chat.md): a disconnect does not stop this socket's generations. They run to the end
+        # and are stored; a reopened page reads the text so far and follows the rest through the group.
         for group in list(getattr(self, "joined", ())):
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)
@@ -237,7 +239,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if previous is not None and getattr(previous, "told", False):
             # Its final frame is out and its final write under way: a message sent right after `done` waits for
             # that write (milliseconds) instead of meeting the old reply's lock.
-            await asyncio.wait([previous], timeout=DISCONNECT_GRACE_SECONDS)
+            await asyncio.wait([previous], timeout=PREVIOUS_WRITE_WAIT_SECONDS)
         exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id,
                                                              new)
         group = group_name(exchange.conversation.pk)
@@ -247,6 +249,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         task = asyncio.create_task(self._generate(exchange, group, direct=not joined))
         if not exchange.finished:
             self.generations[exchange.conversation.pk] = task
+            RUNNING[exchange.conversation.pk] = task
 
     def _begin(self, conversation_id, agent, project, content, client_id, new) -> services.Exchange:
         if conversation_id is None:
@@ -278,6 +281,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await sender.close()
             if self.generations.get(exchange.conversation.pk) is asyncio.current_task():
                 del self.generations[exchange.conversation.pk]
+            if RUNNING.get(exchange.conversation.pk) is asyncio.current_task():
+                del RUNNING[exchange.conversation.pk]
 
     async def _on_cancel(self, frame: dict[str, Any]) -> None:
         conversation_id = self._conversation_id(frame, required=True)
@@ -326,7 +331,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return False
 
     def _cancel_local(self, conversation_id: int) -> None:
-        task = self.generations.get(conversation_id)
+        task = self.generations.get(conversation_id) or RUNNING.get(conversation_id)
         if task is not None and not task.done():
             _cancel_soon(task)
 

@@ -31,6 +31,7 @@ from conversations import prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
 from usage.metering import CallContext, MeteredResult, metered_stream
+from usage.money import money_str
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def done_frame(reply: Message) -> dict[str, Any]:
         "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                   "total_tokens": reply.prompt_tokens + reply.completion_tokens,
                   "estimated": reply.usage_estimated},
-        "cost": str(reply.cost), "model": reply.model_name, "fallback": reply.fallback,
+        "cost": money_str(reply.cost), "model": reply.model_name, "fallback": reply.fallback,
     }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from aiwriter.errors import NotFound
 from conversations.models import Conversation, Message
@@ -32,9 +32,18 @@ def conversations_of(user) -> QuerySet[Conversation]:
     return Conversation.objects.filter(owner=user, deleted_at__isnull=True)
 
 
-def conversation_list(*, user) -> QuerySet[Conversation]:
-    """Conversations with at least one successful reply, newest activity first."""
-    return conversations_of(user).filter(has_success=True).select_related("agent").order_by("-updated_at", "-id")
+def conversation_list(*, user, include_failed: bool = False, query: str = "") -> QuerySet[Conversation]:
+    """Conversations with at least one successful reply (all of them with `include_failed`), newest first.
+
+    `query` matches the title or any message's text (case-insensitive), within the user's own conversations.
+    """
+    qs = conversations_of(user)
+    if not include_failed:
+        qs = qs.filter(has_success=True)
+    if query:
+        in_messages = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=query)
+        qs = qs.filter(Q(title__icontains=query) | Exists(in_messages))
+    return qs.select_related("agent").order_by("-updated_at", "-id")
 
 
 def conversation_for(*, user, conversation_id) -> Conversation:

@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from conversations import selectors
 from conversations.models import Conversation, Message
+from usage.serializers import MoneyField
 
 
 class ConversationCreateInput(serializers.Serializer):
@@ -15,6 +16,14 @@ class ConversationCreateInput(serializers.Serializer):
     title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     new = serializers.BooleanField(required=False, default=False,
                                    help_text="Always start a new conversation (no 5-minute dedupe).")
+
+
+class ConversationListQuery(serializers.Serializer):
+    include_failed = serializers.BooleanField(
+        required=False, default=False,
+        help_text="Also list conversations without a successful reply (failed, stopped, interrupted).")
+    q = serializers.CharField(required=False, default="", allow_blank=True, max_length=200,
+                              help_text="Search: matches the title or any message's text, case-insensitive.")
 
 
 class ConversationUpdateInput(serializers.Serializer):
@@ -56,6 +65,7 @@ class ConversationCreatedSerializer(ConversationSerializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     error_display = serializers.SerializerMethodField()
+    cost = MoneyField()  # the one money format (usage.money.money_str): "0.0005725", never "0E-10"
     total_tokens = serializers.SerializerMethodField()
 
     class Meta:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
@@ -17,6 +21,7 @@ from conversations.generation import outcome_error, run_exchange
 from conversations.serializers import (
     ConversationCreatedSerializer,
     ConversationCreateInput,
+    ConversationListQuery,
     ConversationSerializer,
     ConversationUpdateInput,
     MemoryHitSerializer,
@@ -24,12 +29,42 @@ from conversations.serializers import (
     MessageSerializer,
 )
 
+logger = logging.getLogger(__name__)
 
-def _reply_response(request, exchange: services.Exchange) -> Response:
-    """Runs the exchange (unless it is a replay) and renders the reply, or its failure in the error shape."""
+# A frame to the group must never hold a REST reply back for long (Redis slow or down): best effort.
+GROUP_SEND_TIMEOUT_SECONDS = 1.0
+
+
+def _group_emit(conversation_id: int):
+    """Frames of a REST-run reply to the conversation's websocket group, best effort: an open chat page
+    (which asked for a retry over REST) streams it like any reply. The REST response stays the answer."""
+    from conversations.consumers import group_name
+
+    layer = get_channel_layer()
+    if layer is None:
+        return None
+    group = group_name(conversation_id)
+
+    async def emit(frame: dict) -> None:
+        try:
+            await asyncio.wait_for(layer.group_send(group, {"type": "chat.frame", "frame": frame, "origin": ""}),
+                                   GROUP_SEND_TIMEOUT_SECONDS)
+        except Exception:  # noqa: BLE001 - a lost frame only costs the live view; the reply is stored
+            logger.warning("retry frame to %s not sent", group)
+
+    return emit
+
+
+def _reply_response(request, exchange: services.Exchange, *, live: bool = False) -> Response:
+    """Runs the exchange (unless it is a replay) and renders the reply, or its failure in the error shape.
+
+    `live`: its frames also go to the conversation's websocket group (the chat page's Retry streams).
+    """
     reply = exchange.reply
     if not exchange.finished:
-        reply = async_to_sync(run_exchange)(exchange, user=request.user, entry_point="chat", api_key=request.auth)
+        emit = _group_emit(exchange.conversation.pk) if live else None
+        reply = async_to_sync(run_exchange)(exchange, user=request.user, entry_point="chat", api_key=request.auth,
+                                            emit=emit)
     error = exchange.extra.get("error") or outcome_error(reply)
     if error is not None:
         raise error
@@ -40,9 +75,13 @@ class ConversationListView(GenericAPIView):
     serializer_class = ConversationSerializer
 
     def get_queryset(self):
-        return selectors.conversation_list(user=self.request.user)
+        params = ConversationListQuery(data=self.request.query_params)
+        params.is_valid(raise_exception=True)
+        return selectors.conversation_list(user=self.request.user,
+                                           include_failed=params.validated_data["include_failed"],
+                                           query=params.validated_data["q"].strip())
 
-    @extend_schema(responses=ConversationSerializer(many=True))
+    @extend_schema(parameters=[ConversationListQuery], responses=ConversationSerializer(many=True))
     def get(self, request):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(ConversationSerializer(page, many=True).data)
@@ -120,7 +159,7 @@ class MessageRetryView(APIView):
         message = selectors.message_for(conversation=conversation, message_id=message_id)
         exchange = services.begin_retry(user=request.user, conversation=conversation, message=message,
                                         api_key=request.auth)
-        return _reply_response(request, exchange)
+        return _reply_response(request, exchange, live=True)
 
 
 class MemoryView(APIView):

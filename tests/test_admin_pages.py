@@ -143,3 +143,19 @@ def test_changelist_query_count_does_not_grow_with_rows(operator_client, operato
     fill(6)
     with django_assert_max_num_queries(len(small.captured_queries)):
         assert operator_client.get(url).status_code == 200
+
+
+def test_every_object_has_a_readable_title_and_the_console_our_name(operator_client, sample):
+    """No "CreditAccount object (1)": each of our objects says what it is; the header says aiwriter."""
+    for model in _our_models():
+        for obj in model._default_manager.all()[:3]:
+            title = str(obj)
+            assert "object (" not in title and title.strip(), f"{model.__name__}: {title!r}"
+    assert str(CreditAccount.objects.get()) == "Credit of alice (5)"  # money in the one format, not 5.0000000000
+    index = operator_client.get(reverse("admin:index")).content.decode()
+    assert "Django administration" not in index and "aiwriter" in index
+
+
+def test_quota_limits_say_that_0_means_unlimited(operator_client, sample):
+    page = operator_client.get(reverse("admin:usage_quota_add")).content.decode()
+    assert page.count("0 means unlimited") == 2

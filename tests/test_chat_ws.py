@@ -11,6 +11,7 @@ from aiwriter.asgi import application
 from conversations import locks
 from conversations.models import Conversation, Message
 from tests.factories import make_api_key
+from usage.money import money_str
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,7 +79,7 @@ async def test_streams_thinking_generating_deltas_done_with_real_usage(alice_key
     assert set(done) == {"type", "message", "status", "usage", "cost", "model", "fallback"}  # the public shape
     assert set(done["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}
     assert done["message"] == reply.pk and done["status"] == "success" and done["fallback"] is False
-    assert done["model"] == "chat-model" and done["cost"] == str(reply.cost)
+    assert done["model"] == "chat-model" and done["cost"] == money_str(reply.cost)
     usage = done["usage"]
     assert usage["estimated"] is False and usage["completion_tokens"] == reply.completion_tokens > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -159,26 +160,57 @@ async def test_cancel_mid_stream_keeps_text_and_frees_the_lock(alice_key, chat_a
     assert len(fake_upstream.requests) == 1
 
 
-async def test_disconnect_mid_stream_leaves_a_consistent_message_and_a_free_lock(alice, alice_key, chat_agent,
-                                                                                  fake_upstream):
+async def _final_reply(timeout: float = 20.0) -> Message:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await Message.objects.select_related("conversation", "reply_to").aget(role="assistant")
+        if reply.status not in ("pending", "processing") or asyncio.get_running_loop().time() > deadline:
+            return reply
+        await asyncio.sleep(0.05)
+
+
+async def test_a_reply_keeps_generating_when_its_socket_goes_away(alice, alice_key, chat_agent, fake_upstream):
+    """A reload or a closed tab must not stop a reply (only a cancel frame does): it finishes and is stored."""
     from usage.models import UsageRecord
 
-    fake_upstream.configure("chat-model", tokens=400, chunk_delay=0.01)
+    fake_upstream.configure("chat-model", tokens=60, chunk_delay=0.01)
     communicator = await _connect(alice_key)
     await communicator.send_json_to(_message())
     frames = await _until(communicator, "delta")
     await communicator.disconnect(timeout=TIMEOUT)
-    reply = await Message.objects.select_related("conversation", "reply_to").aget(role="assistant")
-    assert reply.status == "error" and reply.content.startswith("Echo") and reply.error_message
-    assert reply.reply_to.status == "error"
+    reply = await _final_reply()
+    assert reply.status == "success" and reply.reply_to.status == "success", (reply.error_code, reply.error_message)
+    assert reply.completion_tokens == 60 and not reply.usage_estimated
     assert not await sync_to_async(locks.is_locked)(frames[0]["conversation"], alice.pk)
-    assert await UsageRecord.objects.filter(message=reply).acount() == 1  # usage recorded for the partial reply
+    assert await UsageRecord.objects.filter(message=reply).acount() == 1
     # The conversation takes a new message at once.
     again = await _connect(alice_key)
     fake_upstream.configure("chat-model", tokens=5, chunk_delay=0)
     await again.send_json_to(_message("next", conversation=frames[0]["conversation"], client_id="c2"))
     assert (await _until(again, "done"))[-1]["status"] == "success"
     await again.disconnect()
+
+
+async def test_a_reconnected_socket_follows_and_can_stop_a_running_reply(alice, alice_key, chat_agent, fake_upstream):
+    fake_upstream.configure("chat-model", tokens=400, chunk_delay=0.02)
+    first = await _connect(alice_key)
+    await first.send_json_to(_message())
+    frames = await _until(first, "delta")
+    conversation_id, message_id = frames[0]["conversation"], frames[0]["message"]
+    await first.disconnect(timeout=TIMEOUT)
+    # The reopened page subscribes and keeps receiving the same reply's deltas.
+    second = await _connect(alice_key)
+    await second.send_json_to({"type": "subscribe", "conversation": conversation_id})
+    followed = await _until(second, "delta")
+    assert followed[-1]["message"] == message_id
+    # Stop on the new socket reaches the generation the old socket started.
+    await second.send_json_to({"type": "cancel", "conversation": conversation_id})
+    error = (await _until(second, "error"))[-1]
+    assert error["code"] == "cancelled" and error["message"] == message_id
+    reply = await _final_reply()
+    assert reply.status == "error" and reply.error_code == "cancelled" and 0 < reply.completion_tokens < 400
+    assert not await sync_to_async(locks.is_locked)(conversation_id, alice.pk)
+    await second.disconnect()
 
 
 async def test_busy_conversation_is_refused_on_the_socket(alice_key, chat_agent, fake_upstream):

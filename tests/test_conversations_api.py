@@ -69,6 +69,45 @@ def test_list_shows_only_conversations_with_a_successful_reply_newest_first(alic
     assert len(page["results"]) == 1 and page["next"]
 
 
+def test_include_failed_lists_failed_and_stopped_conversations_too(alice, bob, alice_client, chat_agent):
+    failed = Conversation.objects.create(owner=alice, agent=chat_agent, title="Failed one")
+    Message.objects.create(conversation=failed, role="assistant", status="llm_error", sequence=1)
+    good = Conversation.objects.create(owner=alice, agent=chat_agent, title="Good one", has_success=True)
+    deleted = Conversation.objects.create(owner=alice, agent=chat_agent, title="Gone", deleted_at=timezone.now())
+    Conversation.objects.create(owner=bob, agent=chat_agent, title="Bob's")
+    ids = [c["id"] for c in alice_client.get("/api/conversations/?include_failed=true").json()["results"]]
+    assert sorted(ids) == sorted([failed.pk, good.pk]) and deleted.pk not in ids
+    assert [c["id"] for c in alice_client.get("/api/conversations/").json()["results"]] == [good.pk]
+    bad = alice_client.get("/api/conversations/?include_failed=maybe")
+    assert bad.status_code == 400 and bad.json()["error"]["code"]
+
+
+def test_search_matches_titles_and_message_text_of_ones_own_conversations_only(alice, bob, alice_client, bob_client,
+                                                                               chat_agent):
+    by_title = Conversation.objects.create(owner=alice, agent=chat_agent, title="Trip to Lisbon", has_success=True)
+    by_text = Conversation.objects.create(owner=alice, agent=chat_agent, title="Untitled", has_success=True)
+    Message.objects.create(conversation=by_text, role="user", status="success", sequence=1,
+                           content="What to eat in LISBON?")
+    Conversation.objects.create(owner=alice, agent=chat_agent, title="Cats", has_success=True)
+    bobs = Conversation.objects.create(owner=bob, agent=chat_agent, title="Lisbon for Bob", has_success=True)
+    found = alice_client.get("/api/conversations/?q=lisbon&include_failed=true").json()
+    assert sorted(c["id"] for c in found["results"]) == sorted([by_title.pk, by_text.pk]) and found["count"] == 2
+    assert [c["id"] for c in bob_client.get("/api/conversations/?q=lisbon").json()["results"]] == [bobs.pk]
+    assert alice_client.get("/api/conversations/?q=nothing-like-this").json()["count"] == 0
+    assert alice_client.get("/api/conversations/?q=" + "x" * 201).status_code == 400
+
+
+def test_bob_cannot_rename_or_delete_alices_conversation(alice, alice_client, bob_client, chat_agent):
+    conversation = Conversation.objects.create(owner=alice, agent=chat_agent, title="Alice's", has_success=True)
+    assert bob_client.patch(f"/api/conversations/{conversation.pk}/", {"title": "Bob's now"},
+                            format="json").status_code == 404
+    assert bob_client.delete(f"/api/conversations/{conversation.pk}/").status_code == 404
+    conversation.refresh_from_db()
+    assert conversation.title == "Alice's" and conversation.deleted_at is None
+    renamed = alice_client.patch(f"/api/conversations/{conversation.pk}/", {"title": "Renamed"}, format="json")
+    assert renamed.status_code == 200 and renamed.json()["title"] == "Renamed"
+
+
 def test_detail_update_and_soft_delete(alice_client, chat_agent):
     cid = _create(alice_client, chat_agent, title="Draft").json()["id"]
     assert alice_client.get(f"/api/conversations/{cid}/").json()["title"] == "Draft"

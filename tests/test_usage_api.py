@@ -85,7 +85,7 @@ def test_csv_export(api_client, alice_and_bob):
     response = _auth(api_client, alice).get("/api/usage/records/export.csv")
     assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
-    assert len(rows) == 1 and rows[0]["cost"] == "0.0035000000" and rows[0]["model"] == "gpt-x"
+    assert len(rows) == 1 and rows[0]["cost"] == "0.0035" and rows[0]["model"] == "gpt-x"
 
 
 def test_bad_query_is_400_in_our_error_shape(api_client):

@@ -35,6 +35,7 @@ from usage.models import (
     QuotaAlert,
     UsageRecord,
 )
+from usage.money import money_str
 
 MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)
 # Management commands that push usage to the billing system, in the order we look for them.
@@ -241,6 +242,14 @@ class QuotaAdmin(admin.ModelAdmin):
     def project_display(self, obj: Quota) -> str:
         return obj.project or "(all projects)"
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        # Said where the number is typed (kept out of the model, so no migration for a help text).
+        for name, unit in (("monthly_token_limit", "tokens"), ("monthly_cost_limit", settings.CURRENCY)):
+            if name in form.base_fields:
+                form.base_fields[name].help_text = f"Per calendar month, in {unit}. 0 means unlimited."
+        return form
+
 
 @admin.register(QuotaAlert)
 class QuotaAlertAdmin(ReadOnlyAdmin):
@@ -266,7 +275,8 @@ def usage_csv_rows(queryset: QuerySet) -> Iterator[list[Any]]:
             r.pk, r.created_at.isoformat(), r.user.get_username(), r.project, r.agent.slug if r.agent else "",
             r.api_key.prefix if r.api_key else "", r.entry_point, r.provider, r.model, r.upstream_model,
             r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
-            f"{r.cost:f}", r.status, r.error_code, r.cached, r.fallback, r.debug, r.charged, r.latency_ms, r.ttft_ms,
+            money_str(r.cost), r.status, r.error_code, r.cached, r.fallback, r.debug, r.charged, r.latency_ms,
+            r.ttft_ms,
         ]
 
 

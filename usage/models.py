@@ -11,6 +11,8 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from usage.money import money_str
+
 
 class _Digits(TypedDict):
     max_digits: int
@@ -88,6 +90,10 @@ class ModelPrice(models.Model):
     # per-record costs equals the cost of the summed tokens.
     MAX_PLACES = 4
 
+    def __str__(self) -> str:
+        when = f" from {self.effective_from:%Y-%m-%d %H:%M}" if self.effective_from else ""
+        return f"{self.model} price{when}"
+
     def save(self, *args, **kwargs) -> None:
         # Every write path (admin, staff API, seed, shell) gets the same rules: a bad price never prices a call.
         self.clean()
@@ -125,6 +131,9 @@ class CreditAccount(models.Model):
             models.CheckConstraint(condition=Q(reserved__lte=F("balance")), name="reserved_within_balance"),
         ]
 
+    def __str__(self) -> str:
+        return f"Credit of {self.user} ({money_str(self.balance)})"
+
 
 class LedgerEntry(models.Model):
     class Kind(models.TextChoices):
@@ -147,6 +156,10 @@ class LedgerEntry(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         verbose_name_plural = "ledger entries"
+
+    def __str__(self) -> str:
+        when = f" ({self.created_at:%Y-%m-%d %H:%M})" if self.created_at else ""
+        return f"{self.kind} {money_str(self.amount)}{when}"
 
     def save(self, *args, **kwargs) -> None:
         # Append-only (PostgreSQL enforces it with a trigger too): a correction is a new adjustment entry.
@@ -180,6 +193,9 @@ class Reservation(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["status", "created_at"], name="reservation_status_idx")]
+
+    def __str__(self) -> str:
+        return f"Hold of {money_str(self.amount)} #{self.pk}"
 
 
 class UsageRecord(models.Model):
@@ -249,6 +265,9 @@ class UsageRecord(models.Model):
             models.Index(fields=["user", "id"], condition=Q(synced_at__isnull=True), name="usage_unsynced_idx"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.model or 'call'} by {self.user} #{self.pk} ({money_str(self.cost)})"
+
     @property
     def estimated(self) -> bool:
         return self.token_source != self.TokenSource.MEASURED
@@ -265,6 +284,9 @@ class Quota(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "project"], name="uniq_quota")]
 
+    def __str__(self) -> str:
+        return f"Quota of {self.user}" + (f" for {self.project}" if self.project else "")
+
 
 class UsageCounter(models.Model):
     """Running per-month totals, kept in the charge transaction so quota checks are O(1)."""
@@ -278,6 +300,9 @@ class UsageCounter(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "project", "period"], name="uniq_usage_counter")]
 
+    def __str__(self) -> str:
+        return f"Usage of {self.user} in {self.period:%Y-%m}"
+
 
 class ApiKeyCounter(models.Model):
     """Running per-month spend of one API key, for its monthly budget (O(1) like UsageCounter)."""
@@ -289,6 +314,9 @@ class ApiKeyCounter(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["api_key", "period"], name="uniq_api_key_counter")]
+
+    def __str__(self) -> str:
+        return f"Usage of key {self.api_key_id} in {self.period:%Y-%m}"
 
 
 class QuotaAlert(models.Model):
@@ -309,6 +337,9 @@ class QuotaAlert(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["user", "project", "period", "level"], name="uniq_quota_alert"),
         ]
+
+    def __str__(self) -> str:
+        return f"Quota alert for {self.user} #{self.pk}"
 
 
 class DailyRollup(models.Model):
@@ -336,6 +367,9 @@ class DailyRollup(models.Model):
         ]
         indexes = [models.Index(fields=["user", "day"], name="rollup_user_day_idx"),
                    models.Index(fields=["day"], name="rollup_day_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model or '-'} of {self.user_id}"
 
 
 class IdempotencyKey(models.Model):
@@ -374,6 +408,8 @@ class AdminDebugLog(models.Model):
     class Meta:
         ordering = ["-created_at"]
 
+    def __str__(self) -> str:
+        return f"Debug run #{self.pk}"
 
 class BillingSyncState(models.Model):
     class Status(models.TextChoices):
@@ -393,3 +429,6 @@ class BillingSyncState(models.Model):
     pending_batch = models.JSONField(null=True, blank=True)
     last_synced_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"Billing sync state #{self.pk}"

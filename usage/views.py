@@ -17,7 +17,7 @@ from agents.models import Agent
 from aiwriter.errors import NotFound
 from usage import csv_export, debug, selectors, services
 from usage.models import ApiKey
-from usage.money import to_cents
+from usage.money import money_str, to_cents
 from usage.periods import local_day
 from usage.permissions import SessionOnly
 from usage.serializers import (
@@ -143,7 +143,7 @@ class UsageRecordsExportView(APIView):
         flt, _ = _filter(request)
         rows = ([r.pk, r.created_at.isoformat(), r.entry_point, r.project, r.agent_id or "", r.provider, r.model,
                  r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.total_tokens, r.token_source,
-                 format(r.cost, "f"), to_cents(r.cost), r.charged, r.cached, r.fallback, r.status, r.error_code,
+                 money_str(r.cost), to_cents(r.cost), r.charged, r.cached, r.fallback, r.status, r.error_code,
                  r.latency_ms if r.latency_ms is not None else "", r.workflow_type]
                 for r in selectors.usage_records(flt).iterator(chunk_size=2000))
         return csv_export.response(CSV_COLUMNS, rows, f"usage-{flt.start}-{flt.end}.csv")

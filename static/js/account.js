@@ -1,17 +1,15 @@
 // The user's page: balance, this month's usage against quota, spend per day, API keys.
 
 import { api, readJsonScript, results } from "./api.js";
+import { formatMoney } from "./money.js";
 import { barChartSvg } from "./svgchart.js";
 
 const config = readJsonScript("page-config", { currency: "" });
 const $ = (id) => document.getElementById(id);
 
 function money(value, currency = config.currency) {
-  if (value === null || value === undefined || value === "") return "—";
-  // Display only: the server's decimal string, shown with 2 to 4 decimals.
-  const shown = new Intl.NumberFormat("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 4 })
-    .format(Number(value));
-  return `${shown} ${currency || ""}`.trim();
+  // The one money format (static/js/money.js): the server's string, trimmed, never rounded through a float.
+  return formatMoney(value, currency) || "—";
 }
 
 function dateText(value) {
@@ -124,6 +122,83 @@ async function loadSpend() {
   }
 }
 
+// --- the user's own calls: per model, then one by one, for a date range ------------------------------------
+
+const CALLS_PAGE = 50;
+let callsOffset = 0;
+
+function callsQuery() {
+  const params = new URLSearchParams();
+  if ($("calls-start").value) params.set("start", $("calls-start").value);
+  if ($("calls-end").value) params.set("end", $("calls-end").value);
+  return params;
+}
+
+function cells(tr, values) {
+  for (const text of values) tr.insertCell().textContent = text;
+}
+
+function emptyRow(body, colspan, text) {
+  const td = body.insertRow().insertCell();
+  td.colSpan = colspan;
+  td.className = "muted";
+  td.textContent = text;
+}
+
+async function loadCalls() {
+  const params = callsQuery();
+  const modelRows = $("model-rows");
+  try {
+    params.set("group_by", "model");
+    const stats = await api(`/api/usage/stats/?${params}`);
+    modelRows.replaceChildren();
+    for (const row of stats.by_model || []) {
+      cells(modelRows.insertRow(), [row.model || "—", String(row.calls || 0), (row.total_tokens || 0).toLocaleString(),
+                                    money(row.cost, stats.currency), String(row.errors || 0)]);
+    }
+    if (!(stats.by_model || []).length) emptyRow(modelRows, 5, "No calls in this range.");
+    const t = stats.totals || {};
+    $("calls-summary").textContent = `${stats.start} to ${stats.end}: ${t.calls || 0} calls, `
+      + `${(t.total_tokens || 0).toLocaleString()} tokens, ${money(t.cost, stats.currency)}.`;
+    if (!$("calls-start").value && stats.start) $("calls-start").value = stats.start;
+    if (!$("calls-end").value && stats.end) $("calls-end").value = stats.end;
+  } catch (err) {
+    modelRows.replaceChildren();
+    emptyRow(modelRows, 5, `Could not load: ${err.message}`);
+  }
+  callsOffset = 0;
+  $("call-rows").replaceChildren();
+  await loadMoreCalls();
+}
+
+async function loadMoreCalls() {
+  const body = $("call-rows");
+  const params = callsQuery();
+  params.set("limit", String(CALLS_PAGE));
+  params.set("offset", String(callsOffset));
+  try {
+    const data = await api(`/api/usage/records/?${params}`);
+    const rows = results(data);
+    for (const r of rows) {
+      const tr = body.insertRow();
+      tr.dataset.recordId = String(r.id);
+      cells(tr, [dateText(r.created_at), r.model || "—", r.entry_point || "", `${r.prompt_tokens} / ${r.completion_tokens}`,
+                 money(r.cost), r.status + (r.estimated ? " (estimated)" : ""), r.latency_ms ? `${r.latency_ms} ms` : "—"]);
+    }
+    callsOffset += rows.length;
+    if (!body.rows.length) emptyRow(body, 7, "No calls in this range.");
+    $("calls-more").hidden = !data.next;
+  } catch (err) {
+    emptyRow(body, 7, `Could not load: ${err.message}`);
+  }
+}
+
+$("calls-filter").addEventListener("submit", (event) => {
+  event.preventDefault();
+  loadCalls();
+});
+$("calls-more").addEventListener("click", loadMoreCalls);
+
 // --- API keys -------------------------------------------------------------------
 
 function keyState(k) {
@@ -216,4 +291,5 @@ $("copy-key").addEventListener("click", async () => {
 loadBalance();
 loadQuota();
 loadSpend();
+loadCalls();
 loadKeys();
