@@ -39,7 +39,7 @@ from django.db import DatabaseError
 from agents.llm import service, tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from aiwriter.observability import add_timing, timing
-from usage import services
+from usage import hotpath, services
 from usage.models import UsageRecord
 from usage.services import CallOutcome, CallPlan
 
@@ -79,22 +79,40 @@ def _finish(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[Usa
     try:
         record, alerts = services.record_call(meta=meta, plan=plan, outcome=outcome)
     except DatabaseError:
-        logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
-                         meta["user_id"], plan.reservation_id)
-        try:
-            saved = services.save_pending_result(plan=plan, outcome=outcome)
-        except DatabaseError:
-            saved = False
-        if not saved:
-            logger.error("call outcome not saved (hold %s): %s", plan.reservation_id, outcome.as_json())
-        unsaved = UsageRecord(user_id=meta["user_id"], model=outcome.model, provider=outcome.provider,
-                              prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                              total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
-                              token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,
-                              cost=services.outcome_cost(plan, outcome))
-        return unsaved, True
+        return _keep_for_reconcile(ctx, plan, outcome)
     services.deliver_alerts(alerts)  # after the commit, never inside the money transaction
     return record, False
+
+
+def _keep_for_reconcile(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
+    """Recording failed: the outcome goes on the hold for `reconcile_reservations`; an unsaved record to show."""
+    meta = services.call_meta(ctx)
+    logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
+                     meta["user_id"], plan.reservation_id)
+    try:
+        saved = services.save_pending_result(plan=plan, outcome=outcome)
+    except DatabaseError:
+        saved = False
+    if not saved:
+        logger.error("call outcome not saved (hold %s): %s", plan.reservation_id, outcome.as_json())
+    unsaved = UsageRecord(user_id=meta["user_id"], model=outcome.model, provider=outcome.provider,
+                          prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                          total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+                          token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,
+                          cost=services.outcome_cost(plan, outcome))
+    return unsaved, True
+
+
+async def _finish_async(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
+    """On PostgreSQL the common case is one statement on the async pool (usage.hotpath); else the sync path."""
+    try:
+        record = await hotpath.record_call(meta=services.call_meta(ctx), plan=plan, outcome=outcome)
+    except DatabaseError:
+        # Sent and failed: it may have committed, so no retry; the hold keeps the outcome for reconcile.
+        return await sync_to_async(_keep_for_reconcile)(ctx, plan, outcome)
+    if record is not None:
+        return record, False
+    return await sync_to_async(_finish)(ctx, plan, outcome)
 
 
 def _success_outcome(result: ChatResult) -> CallOutcome:
@@ -148,7 +166,7 @@ async def _drain(inner: AsyncIterator, delivered: list[str]) -> ChatResult | Non
 async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
     # Shielded: a second cancellation of the caller must not lose the record of a call the upstream served.
     with timing("metering"):
-        record, pending = await asyncio.shield(sync_to_async(_finish)(ctx, plan, outcome))
+        record, pending = await asyncio.shield(_finish_async(ctx, plan, outcome))
     ctx.usage_record = record
     return record, pending
 
@@ -157,7 +175,7 @@ async def metered_stream(ctx: CallContext, request: ChatRequest, *,
                          whole: bool = False) -> AsyncIterator[TextDelta | MeteredResult]:
     """whole=True (metered_complete): no TextDelta, whole-reply semantics of service.complete (timeout in total)."""
     with timing("quota"):  # quota check and the credit hold
-        plan = await sync_to_async(services.begin_call)(ctx=ctx, request=request, now=ctx.now)
+        plan = await hotpath.begin_call(ctx=ctx, request=request, now=ctx.now)
     started = time.monotonic()
     ttft_ms: int | None = None
     delivered: list[str] = []
