@@ -21,7 +21,7 @@ from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from agents.openai_compat import keylimits
 from aiwriter.errors import ApiError
-from conversations import prompt, services
+from conversations import hotpath, prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
 from usage.metering import CallContext, MeteredResult, metered_stream
@@ -125,7 +125,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                        emit: Emit | None = None) -> Message:
     """Generates the reply of a begun exchange; returns it in its final state. Re-raises cancellation."""
     emit = emit or _no_emit
-    finish = sync_to_async(services.finish_reply)
+    finish = hotpath.finish_reply  # one statement on the async pool (PostgreSQL), else services.finish_reply
     reply = exchange.reply
     if exchange.finished:  # replay or rejected by moderation: only the outcome to tell
         await emit(outcome_frame(reply))
