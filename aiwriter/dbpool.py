@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -52,8 +54,14 @@ _DJANGO_OPTIONS = {"pool", "isolation_level", "assume_role", "server_side_bindin
 
 
 def enabled() -> bool:
-    """The hot path uses the async pool: on PostgreSQL, unless DB_ASYNC_POOL is off."""
-    return bool(getattr(settings, "DB_ASYNC_POOL", False)) and connections["default"].vendor == "postgresql"
+    """The hot path uses the async pool: on PostgreSQL, unless DB_ASYNC_POOL is off, on the main thread's loop.
+
+    The server's event loop runs on the main thread (daphne). A loop on another thread is async_to_sync's own,
+    made for one sync caller and closed after it: a pool there would open connections for a single call and
+    leave them behind, so those callers keep the sync path they came from.
+    """
+    return (bool(getattr(settings, "DB_ASYNC_POOL", False)) and connections["default"].vendor == "postgresql"
+            and threading.current_thread() is threading.main_thread())
 
 
 def conninfo_kwargs() -> dict[str, Any]:
@@ -69,6 +77,17 @@ def conninfo_kwargs() -> dict[str, Any]:
     return kwargs
 
 
+async def _check(conn: Any) -> None:
+    """Given out only if alive. An idle connection the server (or a proxy) closed has its socket readable (EOF):
+    only then is a round trip paid, to confirm; a broken one is discarded and another tried (or opened)."""
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        readable = [True]
+    if readable or conn.closed:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 async def get_pool() -> Any:
     """This loop's pool, opened on first use."""
     loop = asyncio.get_running_loop()
@@ -79,7 +98,7 @@ async def get_pool() -> Any:
     # Autocommit: every hot statement is atomic by itself, so no BEGIN/COMMIT round trips.
     pool = AsyncConnectionPool(
         kwargs={**conninfo_kwargs(), "autocommit": True}, min_size=settings.DB_ASYNC_POOL_MIN,
-        max_size=settings.DB_ASYNC_POOL_MAX, timeout=settings.DB_ASYNC_POOL_TIMEOUT, open=False,
+        max_size=settings.DB_ASYNC_POOL_MAX, timeout=settings.DB_ASYNC_POOL_TIMEOUT, check=_check, open=False,
         name="aiwriter-hot")
     _pools[loop] = pool
     _all.append((weakref.ref(loop), pool))
@@ -157,13 +176,7 @@ def close_all() -> None:
         if loop is not None and loop.is_running():
             keep.append((ref, pool))
             continue
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.run_until_complete(pool.close(timeout=1))
-            except Exception:  # noqa: BLE001 - fall back to closing the sockets
-                _force_close(pool)
-        else:
-            _force_close(pool)
+        _force_close(pool)
         if loop is not None:
             _pools.pop(loop, None)
     _all[:] = keep

@@ -212,7 +212,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         await _emit_quietly(emit, error_frame("internal_error", "Internal error while generating the reply.",
                                               True, reply.pk))
     finally:
-        await sync_to_async(services.release_lock)(exchange)
+        await hotpath.release_lock(exchange)  # async Redis / the pool: no thread hop
         await _record_key_tokens(api_key, reply)
     return reply
 

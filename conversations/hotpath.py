@@ -1,4 +1,5 @@
-"""A chat turn's end on the event loop: the reply's final state as one statement on the async pool (PostgreSQL).
+"""A chat turn's end on the event loop: the reply's final state as one statement on the async pool (PostgreSQL),
+and the conversation's lock released without a thread hop.
 
 `finish_reply` writes what services.finish_reply writes — the reply's final state (only while it is still
 `processing`: the first final state wins), its user message's status and the conversation's counters — as
@@ -18,8 +19,9 @@ from django.db import connection
 from django.utils import timezone
 
 from aiwriter import dbpool
-from conversations import services
-from conversations.models import Conversation, Message
+from aiwriter import redis as shared_redis
+from conversations import locks, services
+from conversations.models import Conversation, GenerationLease, Message
 from conversations.services import Exchange
 
 logger = logging.getLogger(__name__)
@@ -91,3 +93,24 @@ async def finish_reply(exchange: Exchange, **fields: Any) -> Message:
     reply.updated_at = now
     exchange.user_message.status = values["status"]
     return reply
+
+
+async def release_lock(exchange: Exchange) -> None:
+    """services.release_lock without a thread hop: the compare-and-delete script on the async Redis client, or
+    the lease row's delete on the pool. Never raises (an unreleased lock expires)."""
+    lock, exchange.lock = exchange.lock, None
+    if lock is None:
+        return
+    try:
+        if lock.backend == "redis":
+            client = shared_redis.get_async_redis()
+            if client is not None:
+                lock_key, running_key = locks._keys(lock.owner_id, lock.conversation_id)
+                await client.eval(locks._RELEASE, 2, lock_key, running_key, lock.token, lock.conversation_id)
+        elif dbpool.enabled():
+            await dbpool.fetchone(f"DELETE FROM {_q(GenerationLease._meta.db_table)} "
+                                  f"WHERE conversation_id = %s AND token = %s", [lock.conversation_id, lock.token])
+        else:
+            await sync_to_async(locks.release)(lock)
+    except Exception:  # noqa: BLE001 - releasing must not mask the outcome; the lock expires anyway
+        logger.exception("could not release the lock of conversation %s", lock.conversation_id)

@@ -11,8 +11,8 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from aiwriter import dbpool
-from conversations import hotpath, services
-from conversations.models import Conversation, Message
+from conversations import hotpath, locks, services
+from conversations.models import Conversation, GenerationLease, Message
 from tests.factories import make_agent, make_model, make_user
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
@@ -80,3 +80,28 @@ async def test_the_first_final_state_wins_on_the_pool():
     state = await sync_to_async(_state)(exchange)
     assert state["reply"]["status"] == "success" and state["question"][0] == "success"
     assert state["conversation"][1] == 16  # counted once
+
+
+@pytest.mark.redis
+async def test_the_lock_is_released_without_a_thread_hop_on_redis_and_on_a_lease():
+    agent = await sync_to_async(make_agent)(model=await sync_to_async(make_model)())
+    exchange = await sync_to_async(_exchange)(agent, "locker")
+    assert exchange.lock.backend == "redis"
+    conversation, owner = exchange.conversation.pk, exchange.conversation.owner_id
+    assert await sync_to_async(locks.is_locked)(conversation, owner)
+    await hotpath.finish_reply(exchange, **FIELDS["success"])
+    await hotpath.release_lock(exchange)
+    assert exchange.lock is None and not await sync_to_async(locks.is_locked)(conversation, owner)
+
+    # The database lease (Redis down or absent): the row goes, on the pool.
+    lease = await sync_to_async(locks._acquire_db)(owner, conversation, "tok")
+    exchange.lock = lease
+    assert await sync_to_async(GenerationLease.objects.filter(conversation_id=conversation).exists)()
+    await hotpath.release_lock(exchange)
+    assert not await sync_to_async(GenerationLease.objects.filter(conversation_id=conversation).exists)()
+    # Someone else's lease (another token) is never released by the old holder.
+    other = await sync_to_async(locks._acquire_db)(owner, conversation, "theirs")
+    exchange.lock = locks.GenerationLock(conversation, owner, "tok", "db")
+    await hotpath.release_lock(exchange)
+    assert await sync_to_async(GenerationLease.objects.filter(conversation_id=conversation, token="theirs").exists)()
+    await sync_to_async(locks.release)(other)
