@@ -1,17 +1,23 @@
-"""The async PostgreSQL connection pool of the hot path (psycopg 3's AsyncConnectionPool), one per event loop.
+"""The async PostgreSQL connection pool of the hot path (psycopg 3 AsyncConnections), one per event loop.
 
 Django's ORM is sync: from async code every query hops into a worker thread (Channels' database_sync_to_async
 is ONE thread per process, so websockets queue behind each other there). The hot path's few statements
 (the credit hold, the record-and-charge, a chat turn's message writes) run here instead, on the event loop,
-over a bounded pool (DB_ASYNC_POOL_MIN / DB_ASYNC_POOL_MAX) that many calls and sockets share at once.
+over a bounded pool (DB_ASYNC_POOL_MAX connections) that many calls and sockets share at once.
+
+Why not psycopg_pool.AsyncConnectionPool: it keeps worker tasks on the loop that swallow a cancellation while
+they run a maintenance task, so a loop that ends (every test's, asyncio.run's) can hang forever cancelling
+them. This pool has no background task at all: connections open on demand, go back to an idle stack, and an
+idle one the server closed is noticed (its socket reads EOF) before it is handed out.
 
 - Each statement runs in autocommit: the hot statements are single statements (data-modifying CTEs), atomic
   by themselves, so a call costs one round trip and no BEGIN/COMMIT.
 - The connection parameters are read from `connections['default'].settings_dict` at first use, so under
   pytest-django the pool reaches the test database.
 - One pool per event loop (a pool's connections belong to the loop that opened them). A daphne process has
-  one loop; a loop that is closed (a test's, async_to_sync's own) has its pool's connections closed the
-  next time a pool is made, or by `close_all()` (tests, shutdown).
+  one loop; a loop that is closed (a test's) has its pool's idle connections closed the next time a pool is
+  made, or by `close_all()` (tests). A process that exits closes its sockets; autocommit leaves no
+  transaction open behind.
 - Queries count in the request's Server-Timing `db` figure like the ORM's.
 
 `enabled()` says whether to use it: PostgreSQL and DB_ASYNC_POOL (on by default). Callers keep the sync
@@ -26,6 +32,7 @@ import select
 import threading
 import time
 import weakref
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,23 +41,21 @@ import psycopg
 import psycopg.errors
 from django.conf import settings
 from django.db import connections, utils
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg.pq import TransactionStatus
+
+from aiwriter.observability import add_db_query
 
 __all__ = ["PoolTimeout", "close", "close_all", "connection", "django_error", "enabled", "execute_fetchone",
            "fetchone", "get_pool", "psycopg"]
 
-from aiwriter.observability import add_db_query
-
 logger = logging.getLogger(__name__)
-
-# Loop -> its pool. Weak keys: a loop that is gone takes its entry with it (its connections are closed first
-# by _sweep when we notice it closed).
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-# Pools whose loop may have closed under them; closed synchronously by _sweep.
-_all: list[tuple[weakref.ref, Any]] = []
 
 # Options in DATABASES OPTIONS that are Django's own, not libpq's.
 _DJANGO_OPTIONS = {"pool", "isolation_level", "assume_role", "server_side_binding", "cursor_factory", "context"}
+
+
+class PoolTimeout(Exception):
+    """No connection free within DB_ASYNC_POOL_TIMEOUT: nothing was sent, the caller may take the sync path."""
 
 
 def enabled() -> bool:
@@ -77,37 +82,98 @@ def conninfo_kwargs() -> dict[str, Any]:
     return kwargs
 
 
-async def _check(conn: Any) -> None:
-    """Given out only if alive. An idle connection the server (or a proxy) closed has its socket readable (EOF):
-    only then is a round trip paid, to confirm; a broken one is discarded and another tried (or opened)."""
+def _alive(conn: psycopg.AsyncConnection) -> bool:
+    """An idle connection has nothing to read; a readable socket means the server (or a proxy) closed it."""
+    if conn.closed or conn.broken:
+        return False
     try:
         readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
     except (OSError, ValueError, psycopg.OperationalError):
-        readable = [True]
-    if readable or conn.closed:
-        await AsyncConnectionPool.check_connection(conn)
+        return False
+    return not readable
 
 
-async def get_pool() -> Any:
-    """This loop's pool, opened on first use."""
+def _finish(conn: psycopg.AsyncConnection) -> None:
+    try:
+        conn.pgconn.finish()  # closes the socket now, without awaiting on a loop that may be gone
+    except Exception:  # noqa: BLE001 - closing is best effort
+        pass
+
+
+class AsyncPool:
+    """At most `max_size` connections of one event loop, opened on demand, kept idle between uses (autocommit)."""
+
+    def __init__(self, kwargs: dict[str, Any], *, max_size: int, timeout: float) -> None:
+        self.kwargs = {**kwargs, "autocommit": True, "connect_timeout": max(1, round(timeout))}
+        self.max_size, self.timeout = max_size, timeout
+        self.idle: deque[psycopg.AsyncConnection] = deque()
+        self.slots = asyncio.Semaphore(max_size)
+        self.stats: Counter[str] = Counter()
+        self.closed = False
+
+    def get_stats(self) -> dict[str, int]:
+        return {**self.stats, "pool_size": len(self.idle), "pool_max": self.max_size}
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.timeout)
+        except TimeoutError:
+            self.stats["requests_errors"] += 1
+            raise PoolTimeout(f"no connection free within {self.timeout} s") from None
+        conn = None
+        try:
+            conn = await self._take()
+            self.stats["requests_num"] += 1
+            yield conn
+        finally:
+            if conn is not None:
+                self._give_back(conn)
+            self.slots.release()
+
+    async def _take(self) -> psycopg.AsyncConnection:
+        while self.idle:
+            conn = self.idle.pop()  # the most recently used: warm, and the others may age out
+            if _alive(conn):
+                return conn
+            self.stats["connections_lost"] += 1
+            _finish(conn)
+        self.stats["connections_num"] += 1
+        return await psycopg.AsyncConnection.connect(**self.kwargs)
+
+    def _give_back(self, conn: psycopg.AsyncConnection) -> None:
+        # Only an idle, healthy connection goes back: one interrupted mid-statement (a cancel) is dropped.
+        if self.closed or conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+            _finish(conn)
+        else:
+            self.idle.append(conn)
+
+    def close_now(self) -> None:
+        self.closed = True
+        while self.idle:
+            _finish(self.idle.pop())
+
+
+# Loop -> its pool. Weak keys: a loop that is gone takes its entry with it.
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPool] = weakref.WeakKeyDictionary()
+_all: list[tuple[weakref.ref, AsyncPool]] = []
+
+
+async def get_pool() -> AsyncPool:
+    """This loop's pool, made on first use."""
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
-    if pool is not None:
-        return pool
-    _sweep()
-    # Autocommit: every hot statement is atomic by itself, so no BEGIN/COMMIT round trips.
-    pool = AsyncConnectionPool(
-        kwargs={**conninfo_kwargs(), "autocommit": True}, min_size=settings.DB_ASYNC_POOL_MIN,
-        max_size=settings.DB_ASYNC_POOL_MAX, timeout=settings.DB_ASYNC_POOL_TIMEOUT, check=_check, open=False,
-        name="aiwriter-hot")
-    _pools[loop] = pool
-    _all.append((weakref.ref(loop), pool))
-    await pool.open(wait=False)
+    if pool is None:
+        _sweep()
+        pool = AsyncPool(conninfo_kwargs(), max_size=settings.DB_ASYNC_POOL_MAX,
+                         timeout=settings.DB_ASYNC_POOL_TIMEOUT)
+        _pools[loop] = pool
+        _all.append((weakref.ref(loop), pool))
     return pool
 
 
 @asynccontextmanager
-async def connection() -> AsyncIterator[Any]:
+async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
     """A pooled connection (autocommit) for a few statements; back to the pool afterwards."""
     pool = await get_pool()
     async with pool.connection() as conn:
@@ -120,7 +186,7 @@ async def fetchone(sql: str, params: Sequence[Any] = ()) -> tuple | None:
         return await execute_fetchone(conn, sql, params)
 
 
-async def execute_fetchone(conn: Any, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+async def execute_fetchone(conn: psycopg.AsyncConnection, sql: str, params: Sequence[Any] = ()) -> tuple | None:
     started = time.perf_counter()
     try:
         cursor = await conn.execute(sql, params)
@@ -140,29 +206,18 @@ def django_error(exc: Exception) -> Exception:
 
 async def close() -> None:
     """Closes this loop's pool (at shutdown)."""
-    loop = asyncio.get_running_loop()
-    pool = _pools.pop(loop, None)
+    pool = _pools.pop(asyncio.get_running_loop(), None)
     if pool is not None:
-        await pool.close()
-
-
-def _force_close(pool: Any) -> None:
-    # The pool's loop is gone: nothing can await on it any more. Close the sockets directly.
-    for conn in list(getattr(pool, "_pool", ())):
-        try:
-            conn.pgconn.finish()
-        except Exception:  # noqa: BLE001 - closing is best effort
-            pass
-    pool._closed = True
+        pool.close_now()
 
 
 def _sweep() -> None:
-    """Closes the pools of loops that have closed (a test's loop, a finished async_to_sync)."""
+    """Closes the pools of loops that have closed (a test's loop, asyncio.run's)."""
     keep = []
     for ref, pool in _all:
         loop = ref()
         if loop is None or loop.is_closed():
-            _force_close(pool)
+            pool.close_now()
         else:
             keep.append((ref, pool))
     _all[:] = keep
@@ -176,7 +231,7 @@ def close_all() -> None:
         if loop is not None and loop.is_running():
             keep.append((ref, pool))
             continue
-        _force_close(pool)
+        pool.close_now()
         if loop is not None:
             _pools.pop(loop, None)
     _all[:] = keep

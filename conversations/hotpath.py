@@ -10,6 +10,7 @@ the sweeper: the stored state is read back) it is the sync service through sync_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from decimal import Decimal
 from typing import Any
@@ -25,6 +26,18 @@ from conversations.models import Conversation, GenerationLease, Message
 from conversations.services import Exchange
 
 logger = logging.getLogger(__name__)
+
+
+async def _to_the_end(coro: Any) -> Any:
+    """Runs a write to its end even when the caller is cancelled meanwhile (a cancel frame, a disconnect right
+    after the final frame), then lets the cancellation go on: a reply keeps its final state, a lock is freed.
+    (The sync calls these replace ran on in their thread regardless; this also waits for them to finish.)"""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _q(name: str) -> str:
@@ -77,7 +90,7 @@ async def finish_reply(exchange: Exchange, **fields: Any) -> Message:
     now = timezone.now()
     sql, params = finish_statement(exchange, values, now)
     try:
-        row = await dbpool.fetchone(sql, params)
+        row = await _to_the_end(dbpool.fetchone(sql, params))
     except dbpool.PoolTimeout:
         logger.warning("async pool exhausted: reply %s ends through the sync path", exchange.reply.pk)
         return await sync_to_async(services.finish_reply)(exchange, **fields)
@@ -101,6 +114,10 @@ async def release_lock(exchange: Exchange) -> None:
     lock, exchange.lock = exchange.lock, None
     if lock is None:
         return
+    await _to_the_end(_release(lock))
+
+
+async def _release(lock: locks.GenerationLock) -> None:
     try:
         if lock.backend == "redis":
             client = shared_redis.get_async_redis()
