@@ -107,6 +107,7 @@ class AsyncPool:
         self.kwargs = {**kwargs, "autocommit": True, "connect_timeout": max(1, round(timeout))}
         self.max_size, self.timeout = max_size, timeout
         self.idle: deque[psycopg.AsyncConnection] = deque()
+        self.opened: weakref.WeakSet[psycopg.AsyncConnection] = weakref.WeakSet()  # idle or in use
         self.slots = asyncio.Semaphore(max_size)
         self.stats: Counter[str] = Counter()
         self.closed = False
@@ -139,7 +140,9 @@ class AsyncPool:
             self.stats["connections_lost"] += 1
             _finish(conn)
         self.stats["connections_num"] += 1
-        return await psycopg.AsyncConnection.connect(**self.kwargs)
+        conn = await psycopg.AsyncConnection.connect(**self.kwargs)
+        self.opened.add(conn)
+        return conn
 
     def _give_back(self, conn: psycopg.AsyncConnection) -> None:
         # Only an idle, healthy connection goes back: one interrupted mid-statement (a cancel) is dropped.
@@ -149,9 +152,11 @@ class AsyncPool:
             self.idle.append(conn)
 
     def close_now(self) -> None:
+        """Closes every connection, in use too: called when the loop is gone (nothing can use them any more)."""
         self.closed = True
-        while self.idle:
-            _finish(self.idle.pop())
+        self.idle.clear()
+        for conn in list(self.opened):
+            _finish(conn)
 
 
 # Loop -> its pool. Weak keys: a loop that is gone takes its entry with it.
