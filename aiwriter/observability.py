@@ -265,6 +265,14 @@ def add_timing(name: str, ms: float) -> None:
         timings.add(name, ms)
 
 
+def add_db_query(ms: float) -> None:
+    """A query run outside the ORM (the async pool, aiwriter.dbpool): counted in the `db` figure too."""
+    timings = _current.get()
+    if timings is not None:
+        timings.db_ms += ms
+        timings.db_queries += 1
+
+
 def _db_timer(execute: Callable, sql: str, params: Any, many: bool, context: dict) -> Any:
     timings = _current.get()
     if timings is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from functools import lru_cache
 
 import redis
@@ -17,20 +19,20 @@ def get_redis() -> redis.Redis | None:
                                 health_check_interval=30)
 
 
-_async_clients: dict[int, aioredis.Redis] = {}
+# Keyed by the loop itself, weakly: keyed by id(loop), a new loop could reuse a dead loop's id and get a client
+# bound to that closed loop (every command then fails).
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 
 
 def get_async_redis() -> aioredis.Redis | None:
     """One async client per event loop (a client is bound to the loop that made it)."""
     if not settings.REDIS_URL:
         return None
-    import asyncio
-
-    loop_id = id(asyncio.get_running_loop())
-    client = _async_clients.get(loop_id)
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
     if client is None:
         client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
-        _async_clients[loop_id] = client
+        _async_clients[loop] = client
     return client
 
 

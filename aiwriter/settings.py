@@ -135,6 +135,11 @@ else:
         }
     }
 IS_POSTGRES = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+# The hot path's statements (credit hold, record + charge, chat turn writes) on an async psycopg pool, one per
+# event loop, so no thread hop per step (aiwriter/dbpool.py). PostgreSQL only; SQLite keeps the sync ORM.
+DB_ASYNC_POOL = IS_POSTGRES and env_bool("DB_ASYNC_POOL", True)
+DB_ASYNC_POOL_MAX = env_int("DB_ASYNC_POOL_MAX", 20)
+DB_ASYNC_POOL_TIMEOUT = env_float("DB_ASYNC_POOL_TIMEOUT", 10.0)  # seconds to wait for a free connection
 # Where `seed_demo` keeps the generated admin password and demo key between runs.
 STATE_DIR = Path(env_str("STATE_DIR", str(BASE_DIR / "var")))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -15,8 +15,9 @@ from typing import Any
 
 from bench.harness import PY, ROOT, Proc, free_port, run_load, wait_for_port
 
-DB_NAME = "aiw_bench_run"
-REDIS_PREFIX = "aiw_bench_run"
+# Overridable so two worktrees can bench on one machine without dropping each other's database.
+DB_NAME = os.environ.get("BENCH_DB_NAME", "aiw_bench_run")
+REDIS_PREFIX = os.environ.get("BENCH_REDIS_PREFIX", DB_NAME)
 SERVER_CPUS = {0}
 CLIENT_CPUS = {1}  # load generator and fake upstream: away from the server
 

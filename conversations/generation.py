@@ -27,7 +27,7 @@ from agents.openai_compat import keylimits
 from aiwriter import deferred
 from aiwriter.db import released
 from aiwriter.errors import ApiError
-from conversations import prompt, services
+from conversations import hotpath, prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
 from usage.metering import CallContext, MeteredResult, metered_stream
@@ -252,7 +252,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     finally:
         await _stop(heartbeat)
         if exchange.lock is not None:  # not reached the end (a bug below us): still free the conversation
-            await sync_to_async(services.release_lock)(exchange)
+            await hotpath.release_lock(exchange)  # async Redis / the pool: no thread hop
         await _record_key_tokens(api_key, reply, exchange.extra.get("key_hold"))
     return reply
 
@@ -275,7 +275,7 @@ async def _end(exchange: Exchange, reply: Message, heartbeat: asyncio.Task, emit
             exchange.extra["error"] = ApiError(
                 "The database is unavailable; try again.", code="database_unavailable", status_code=503,
                 retryable=True, extra={"message_id": reply.pk, "status": Message.Status.PROCESSING})
-        await sync_to_async(services.release_lock)(exchange)
+        await hotpath.release_lock(exchange)
 
 
 def _apply(reply: Message, values: dict[str, Any]) -> None:
@@ -285,7 +285,14 @@ def _apply(reply: Message, values: dict[str, Any]) -> None:
 
 
 async def _finish_or_defer(exchange: Exchange, values: dict[str, Any]) -> bool:
-    """Writes the reply's final state; if the database is unreachable, retries it in the background. True if now."""
+    """Writes the reply's final state (one statement on the async pool where it can); if the database is
+    unreachable, retries it in the background. True if written now."""
+    try:
+        await hotpath.finish_reply(exchange, **values)
+        return True
+    except DatabaseError:
+        logger.warning("final write of reply %s failed; retrying it in the background", exchange.reply.pk)
+
     def write() -> None:
         services.finish_reply(exchange, **values)
 

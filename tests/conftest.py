@@ -56,6 +56,23 @@ def _clean_shared_state():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _async_pool_per_test(request):
+    """The hot path's async pool (aiwriter.dbpool) uses its own connections, which cannot see the rows of a
+    test wrapped in a transaction: such tests take the sync path. Each test's pools are closed after it (its
+    event loop is gone), so the test database can be dropped."""
+    from aiwriter import dbpool
+
+    marker = request.node.get_closest_marker("django_db")
+    wrapped = marker is not None and not (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))
+    previous = getattr(settings, "DB_ASYNC_POOL", False)
+    if wrapped:
+        settings.DB_ASYNC_POOL = False
+    yield
+    settings.DB_ASYNC_POOL = previous
+    dbpool.close_all()
+
+
 @pytest.fixture
 def api_client():
     from rest_framework.test import APIClient

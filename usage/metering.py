@@ -42,7 +42,7 @@ from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from aiwriter import deferred
 from aiwriter.db import released
 from aiwriter.observability import add_timing, timing
-from usage import services
+from usage import hotpath, services
 from usage.models import UsageRecord
 from usage.services import CallOutcome, CallPlan
 
@@ -87,27 +87,46 @@ def _finish(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[Usa
     try:
         record, alerts = services.record_call(meta=meta, plan=plan, outcome=outcome)
     except DatabaseError:
-        deferred.close_broken_connection()
-        logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
-                         meta.user_id, plan.reservation_id)
-        try:
-            saved = services.save_pending_result(plan=plan, outcome=outcome)
-        except DatabaseError:
-            deferred.close_broken_connection()
-            saved = False
-        if not saved:
-            logger.warning("call outcome not saved (hold %s); recording it when the database is back: %s",
-                           plan.reservation_id, outcome.as_json())
-            deferred.defer(f"usage:{plan.reservation_id or id(outcome)}",
-                           lambda: services.settle_pending_call(meta=meta, plan=plan, outcome=outcome))
-        unsaved = UsageRecord(user_id=meta.user_id, model=outcome.model, provider=outcome.provider,
-                              prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                              total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
-                              token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,
-                              cost=services.outcome_cost(plan, outcome))
-        return unsaved, True
+        return _keep_for_reconcile(ctx, plan, outcome)
     services.deliver_alerts(alerts)  # after the commit, never inside the money transaction
     return record, False
+
+
+def _keep_for_reconcile(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
+    """Recording failed: the outcome goes on the hold for `reconcile_reservations` (or, if even that fails, is
+    recorded in the background once the database is back); an unsaved record to show."""
+    deferred.close_broken_connection()
+    meta = services.call_meta(ctx)
+    logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
+                     meta.user_id, plan.reservation_id)
+    try:
+        saved = services.save_pending_result(plan=plan, outcome=outcome)
+    except DatabaseError:
+        deferred.close_broken_connection()
+        saved = False
+    if not saved:
+        logger.warning("call outcome not saved (hold %s); recording it when the database is back: %s",
+                       plan.reservation_id, outcome.as_json())
+        deferred.defer(f"usage:{plan.reservation_id or id(outcome)}",
+                       lambda: services.settle_pending_call(meta=meta, plan=plan, outcome=outcome))
+    unsaved = UsageRecord(user_id=meta.user_id, model=outcome.model, provider=outcome.provider,
+                          prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                          total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+                          token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,
+                          cost=services.outcome_cost(plan, outcome))
+    return unsaved, True
+
+
+async def _finish_async(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
+    """On PostgreSQL the common case is one statement on the async pool (usage.hotpath); else the sync path."""
+    try:
+        record = await hotpath.record_call(meta=services.call_meta(ctx), plan=plan, outcome=outcome)
+    except DatabaseError:
+        # Sent and failed: it may have committed, so no retry; the hold keeps the outcome for reconcile.
+        return await sync_to_async(released(_keep_for_reconcile))(ctx, plan, outcome)
+    if record is not None:
+        return record, False
+    return await sync_to_async(released(_finish))(ctx, plan, outcome)
 
 
 def _success_outcome(result: ChatResult) -> CallOutcome:
@@ -168,7 +187,7 @@ async def _drain(inner: AsyncGenerator[TextDelta | ChatResult, None], delivered:
 async def _record(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
     # Shielded: a second cancellation of the caller must not lose the record of a call the upstream served.
     with timing("metering"):
-        record, pending = await asyncio.shield(sync_to_async(released(_finish))(ctx, plan, outcome))
+        record, pending = await asyncio.shield(_finish_async(ctx, plan, outcome))
     ctx.usage_record = record
     return record, pending
 
@@ -177,8 +196,8 @@ async def metered_stream(ctx: CallContext, request: ChatRequest, *,
                          whole: bool = False) -> AsyncGenerator[TextDelta | MeteredResult, None]:
     """whole=True (metered_complete): no TextDelta, whole-reply semantics of service.complete (timeout in total)."""
     with timing("quota"):  # quota check and the credit hold
-        # released: no pooled connection held while the model answers (aiwriter/db.py)
-        plan = await sync_to_async(released(services.begin_call))(ctx=ctx, request=request, now=ctx.now)
+        # the sync fallbacks inside release their pooled connection before the model answers (aiwriter/db.py)
+        plan = await hotpath.begin_call(ctx=ctx, request=request, now=ctx.now)
     started = time.monotonic()
     ttft_ms: int | None = None
     delivered: list[str] = []

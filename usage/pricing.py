@@ -69,6 +69,12 @@ def model_pricing(name: str) -> ModelPricing | None:
     return pricing
 
 
+def is_cached(name: str) -> bool:
+    """Whether model_pricing(name) answers without a query (async callers warm it in a thread otherwise)."""
+    hit = _cache.get(name)
+    return hit is not None and hit[0] > time.monotonic()
+
+
 def price_at(name: str, moment: datetime) -> Price:
     pricing = model_pricing(name) if name else None
     return pricing.price_at(moment) if pricing else FREE

@@ -19,7 +19,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
@@ -309,6 +309,13 @@ def _cached_quota_limits(user_id: int, project: str) -> Limits:
     return limits
 
 
+def cached_limits(user_id: int, project: str) -> Limits | None:
+    """The cached limits, or None when they must be read (async callers: no query on the event loop)."""
+    hit = _limits_cache.get((user_id, project, settings.DEFAULT_MONTHLY_TOKEN_LIMIT,
+                             settings.DEFAULT_MONTHLY_COST_LIMIT))
+    return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+
 def clear_limits_cache(*args: Any, **kwargs: Any) -> None:
     _limits_cache.clear()
 
@@ -318,20 +325,32 @@ for _sender in ("usage.Quota", settings.AUTH_USER_MODEL):
     post_delete.connect(clear_limits_cache, sender=_sender, dispatch_uid=f"usage-limits-cache-delete-{_sender}")
 
 
-def _hold_and_reserve(user_id: int, amount: Decimal, context: dict[str, Any]) -> int | None:
-    """PostgreSQL: the hold and its Reservation row in ONE statement (atomic by itself, so no BEGIN/COMMIT round
-    trips). Returns the reservation id, or None when the free balance is short or there is no account."""
+def hold_statement(user_id: int, amount: Decimal, context: dict[str, Any]) -> tuple[str, list[Any]]:
+    """PostgreSQL: the hold and its Reservation row as ONE statement (atomic by itself, so no BEGIN/COMMIT round
+    trips). Its row is (reservation id,), none when the free balance is short or there is no account.
+    Built once for both executors: the sync ORM connection (_hold_and_reserve) and the async pool (usage.hotpath)."""
     accounts, reservations = _q(CreditAccount._meta.db_table), _q(Reservation._meta.db_table)
     now = timezone.now()
     sql = (f"WITH held AS (UPDATE {accounts} SET reserved = reserved + %s, updated_at = %s "
            f"WHERE user_id = %s AND balance - reserved >= %s RETURNING id) "
            f"INSERT INTO {reservations} (account_id, amount, status, context, created_at) "
            f"SELECT id, %s, %s, %s::jsonb, %s FROM held RETURNING id")
+    return sql, [amount, now, user_id, amount, amount, Reservation.Status.HELD, json.dumps(context), now]
+
+
+def _hold_and_reserve(user_id: int, amount: Decimal, context: dict[str, Any]) -> int | None:
+    """Returns the reservation id, or None when the free balance is short or there is no account."""
+    sql, params = hold_statement(user_id, amount, context)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [amount, now, user_id, amount, amount, Reservation.Status.HELD,
-                             json.dumps(context), now])
+        cursor.execute(sql, params)
         row = cursor.fetchone()
     return row[0] if row else None
+
+
+def hold_context(ctx: Any, request: Any, started_at: datetime, period: date) -> dict[str, Any]:
+    """What a hold keeps of its call, so a reconcile can write the record."""
+    return {**call_meta(ctx).as_json(), "started_at": started_at.isoformat(), "period": period.isoformat(),
+            "model": request.model}
 
 
 def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPlan:
@@ -347,13 +366,18 @@ def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPl
     amount = worst_case_cost(request, started_at)
     if amount <= 0:
         return plan  # free models need no balance
-    context = {**call_meta(ctx).as_json(), "started_at": started_at.isoformat(), "period": period.isoformat(),
-               "model": request.model}
+    context = hold_context(ctx, request, started_at, period)
     if connection.vendor == "postgresql":
         reservation_id = _hold_and_reserve(user_id, amount, context)
         if reservation_id is not None:
             plan.reservation_id, plan.reserved = reservation_id, amount
             return plan
+    return hold_slow_path(ctx=ctx, plan=plan, amount=amount, context=context)
+
+
+def hold_slow_path(*, ctx: Any, plan: CallPlan, amount: Decimal, context: dict[str, Any]) -> CallPlan:
+    """The hold when the one-statement one was refused (or not PostgreSQL)."""
+    user_id = ctx.user.pk
     # Other backends, and on PostgreSQL a refused hold: no account yet (created here) or the balance is short.
     with transaction.atomic():
         account_id = _hold(user_id, amount)
@@ -438,15 +462,25 @@ class _SlowPath(Exception):
     """The one-statement path could not settle the call in full: roll it back and take the general path."""
 
 
-def _record_call_pg(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, cost: Decimal, charge: bool,
-                    now: datetime) -> tuple[UsageRecord, list[QuotaAlert]]:
+@dataclass
+class RecordStatement:
+    record: UsageRecord  # unsaved: its pk comes back in the statement's row
+    sql: str
+    params: list[Any]
+    scopes: list[str]  # counters the row reports (tokens, cost) for, in order
+
+
+def record_statement(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, cost: Decimal, charge: bool,
+                     now: datetime) -> RecordStatement:
     """PostgreSQL: what record_call writes (record, hold settled, charge, ledger entry, counters, rollup) as ONE
-    statement of data-modifying CTEs, in one transaction with any quota alert it raises.
+    statement of data-modifying CTEs. Built once for both executors: the sync ORM connection (_record_call_pg)
+    and the async pool (usage.hotpath).
 
     The common case only: the charge is covered in full. Otherwise (the balance no longer covers the cost, no
-    account) it raises _SlowPath inside the transaction, so nothing of it stays, and record_call goes the general
-    way. Same rows, same values, same conditional updates as the general path; one round trip instead of six to
-    nine, and no ORM compilation on the hot path.
+    account) the statement fails with division_by_zero (SLOW_PATH_SQLSTATE), so nothing of it stays, even in
+    autocommit, and the caller goes the general way. Same rows, same values, same conditional updates as the
+    general path; one round trip instead of six to nine, and no ORM compilation on the hot path.
+    Its row: record id, 1, then (tokens, cost) of each counter in `scopes`.
     """
     user_id, project = meta.user_id, meta.project
     to_charge = cost if charge else ZERO
@@ -517,28 +551,49 @@ def _record_call_pg(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, cos
                periods.local_day(record.created_at), 1, int(record.status != UsageRecord.Status.SUCCESS),
                int(record.cached), record.prompt_tokens, record.completion_tokens, record.total_tokens,
                cost if record.charged else ZERO]
-    picks = ["(SELECT id FROM rec)", "(SELECT count(*) FROM acct)" if settles else "1"]
+    # Not covered (no account row updated): 1/0 aborts the whole statement, so no half-written call survives.
+    picks = ["(SELECT id FROM rec)", "1 / (SELECT count(*) FROM acct)::int" if settles else "1"]
     picks += [f"(SELECT tokens FROM c{i}), (SELECT cost FROM c{i})" for i in range(len(scopes))]
     sql = "WITH " + ", ".join(ctes) + " SELECT " + ", ".join(picks)
+    return RecordStatement(record=record, sql=sql, params=params, scopes=scopes)
+
+
+# The record statement's "not covered" signal (division_by_zero): roll back and take the general path.
+SLOW_PATH_SQLSTATE = "22012"
+
+
+def record_saved(record: UsageRecord, record_id: int) -> UsageRecord:
+    """The record as if the ORM had saved it; receivers of post_save (model-call metrics) see it."""
+    record.pk = record_id
+    record._state.adding, record._state.db = False, connection.alias
+    post_save.send(sender=UsageRecord, instance=record, created=True, update_fields=None, raw=False,
+                   using=connection.alias)
+    return record
+
+
+def _record_call_pg(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, cost: Decimal, charge: bool,
+                    now: datetime) -> tuple[UsageRecord, list[QuotaAlert]]:
+    """record_statement on the ORM connection, in one transaction with any quota alert it raises."""
+    stmt = record_statement(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge, now=now)
+    user_id, record = meta.user_id, stmt.record
     alerts: list[QuotaAlert] = []
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-        if not row[1]:
-            raise _SlowPath  # rolls the whole statement back
-        record.pk = row[0]
-        record._state.adding, record._state.db = False, connection.alias
-        for i, scope in enumerate(scopes):
-            limit = plan.limits.scopes.get(scope)
-            if limit:
-                alert = _maybe_alert(user_id=user_id, project=scope, period=plan.period, limit=limit,
-                                     tokens_used=int(row[2 + 2 * i]), cost_used=_dec(row[3 + 2 * i]))
-                if alert:
-                    alerts.append(alert)
-        # Receivers (model-call metrics) see the record as if the ORM had saved it.
-        post_save.send(sender=UsageRecord, instance=record, created=True, update_fields=None, raw=False,
-                       using=connection.alias)
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(stmt.sql, stmt.params)
+                row = cursor.fetchone()
+            for i, scope in enumerate(stmt.scopes):
+                limit = plan.limits.scopes.get(scope)
+                if limit:
+                    alert = _maybe_alert(user_id=user_id, project=scope, period=plan.period, limit=limit,
+                                         tokens_used=int(row[2 + 2 * i]), cost_used=_dec(row[3 + 2 * i]))
+                    if alert:
+                        alerts.append(alert)
+            record_saved(record, row[0])
+    except DataError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == SLOW_PATH_SQLSTATE:
+            raise _SlowPath from None  # rolled back
+        raise
     return record, alerts
 
 

@@ -1,0 +1,130 @@
+"""A metered call's database work on the event loop: the hold and the record on the async pool (PostgreSQL).
+
+The statements are usage.services' own (`hold_statement`, `record_statement`): one builder, two executors,
+so both paths write the same rows with the same conditional updates. Here they run on aiwriter.dbpool, one
+round trip each and no thread hop; everything else falls back to the sync services through sync_to_async:
+SQLite (dbpool off), staff debug runs, a cold price or quota cache, accounts with quota limits or a key budget
+(their counter reads), a refused hold (no account yet, balance short), a charge the balance no longer covers,
+and quota alerts.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from aiwriter import dbpool
+from aiwriter.db import released
+from aiwriter.observability import observe_usage_record
+from usage import periods, pricing, services
+from usage.models import QuotaAlert, UsageRecord
+from usage.services import CallMeta, CallOutcome, CallPlan
+
+logger = logging.getLogger(__name__)
+
+
+async def _warm_prices(*names: str | None) -> None:
+    for name in filter(None, dict.fromkeys(names)):
+        if not pricing.is_cached(name):
+            await sync_to_async(pricing.model_pricing)(name)
+
+
+async def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPlan:
+    """services.begin_call, with the hold on the async pool: checks quota and key budget, then holds the
+    worst-case cost. Raises InsufficientBalance / QuotaExceeded / KeyBudgetExceeded before any model call."""
+    if not dbpool.enabled() or ctx.debug:
+        return await sync_to_async(released(services.begin_call))(ctx=ctx, request=request, now=now)
+    started_at = now or timezone.now()
+    period = periods.month_start(started_at)
+    user_id, project = ctx.user.pk, ctx.project or ""
+    limits = services.cached_limits(user_id, project)
+    if limits is None:
+        limits = await sync_to_async(released(services._cached_quota_limits))(user_id, project)
+    plan = CallPlan(started_at=started_at, period=period, limits=limits)
+    if limits.any or (ctx.api_key is not None and ctx.api_key.monthly_budget):
+        # Reads this month's counters: a query for accounts with limits only (the common account has none).
+        await sync_to_async(released(services._check_limits))(user_id=user_id, project=project, period=period,
+                                                              limits=limits, api_key=ctx.api_key)
+    await _warm_prices(request.model, getattr(request, "fallback_model", None))
+    amount = services.worst_case_cost(request, started_at)
+    if amount <= 0:
+        return plan  # free models need no balance
+    context = services.hold_context(ctx, request, started_at, period)
+    sql, params = services.hold_statement(user_id, amount, context)
+    try:
+        row = await dbpool.fetchone(sql, params)
+    except dbpool.PoolTimeout:
+        logger.warning("async pool exhausted: the hold of user %s takes the sync path", user_id)
+        return await sync_to_async(released(services.begin_call))(ctx=ctx, request=request, now=started_at)
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+    if row is not None:
+        plan.reservation_id, plan.reserved = row[0], amount
+        return plan
+    # Refused: no account yet (created there) or the balance is short (InsufficientBalance).
+    return await sync_to_async(released(services.hold_slow_path))(ctx=ctx, plan=plan, amount=amount, context=context)
+
+
+def _near_limit(limit: tuple[int, Decimal], tokens_used: int, cost_used: Decimal) -> bool:
+    # A cheap pre-check of services._maybe_alert (which fires from WARNING_AT on): below it, no thread hop.
+    token_limit, cost_limit = limit
+    return bool((token_limit and tokens_used >= token_limit * services.WARNING_AT)
+                or (cost_limit and cost_used >= cost_limit * services.WARNING_AT))
+
+
+def _alerts(*, user_id: int, plan: CallPlan, scopes: list[str], row: tuple) -> None:
+    alerts: list[QuotaAlert] = []
+    for i, scope in enumerate(scopes):
+        limit = plan.limits.scopes.get(scope)
+        if limit:
+            alert = services._maybe_alert(user_id=user_id, project=scope, period=plan.period, limit=limit,
+                                          tokens_used=int(row[2 + 2 * i]), cost_used=services._dec(row[3 + 2 * i]))
+            if alert:
+                alerts.append(alert)
+    services.deliver_alerts(alerts)
+
+
+async def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -> UsageRecord | None:
+    """services.record_call's common case as one statement on the async pool; alerts are delivered here.
+
+    Returns None when it did not write anything and the sync record_call must (debug, the charge not covered,
+    no connection free). Raises django.db.DatabaseError when the statement failed once sent: the caller keeps
+    the hold for reconcile rather than retry (the statement may have committed).
+    """
+    if not dbpool.enabled() or meta.debug:
+        return None
+    if not outcome.cache_hit:
+        await _warm_prices(outcome.model)
+    cost = services.outcome_cost(plan, outcome)
+    charge = outcome.billable
+    stmt = services.record_statement(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge,
+                                     now=timezone.now())
+    try:
+        row = await dbpool.fetchone(stmt.sql, stmt.params)
+    except dbpool.PoolTimeout:
+        logger.warning("async pool exhausted: the record of user %s takes the sync path", meta.user_id)
+        return None
+    except dbpool.psycopg.errors.DivisionByZero:
+        return None  # the charge is not covered in full: rolled back; the general path decides
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+    assert row is not None  # the statement's INSERT ... RETURNING always gives its row
+    record = stmt.record
+    record.pk = row[0]
+    record._state.adding, record._state.db = False, "default"
+    # Committed already (autocommit): the model-call metrics count it now. (The sync path sends post_save,
+    # whose only receiver does this after the commit.)
+    observe_usage_record(record)
+    if any(plan.limits.scopes.get(scope) and _near_limit(plan.limits.scopes[scope], int(row[2 + 2 * i]),
+                                                         services._dec(row[3 + 2 * i]))
+           for i, scope in enumerate(stmt.scopes)):
+        try:
+            await sync_to_async(_alerts)(user_id=meta.user_id, plan=plan, scopes=stmt.scopes, row=row)
+        except Exception:  # noqa: BLE001 - the call is recorded and charged; an alert is not money
+            logger.exception("quota alert for user %s failed", meta.user_id)
+    return record
