@@ -3,7 +3,7 @@
 A live daphne with only DATABASE_URL set (as the README says for production) gets a bounded connection
 pool: 200 concurrent /v1 calls wait for a connection instead of opening one each (PostgreSQL's
 `max_connections` is 100 by default, and 100 of them got 503 `database_unavailable` before). Every call
-gets an answer (success or 402), no 5xx; the process never holds more than DB_POOL_MAX connections; and
+gets an answer (success or 402), no 5xx; the process never holds more than DB_POOL_MAX + DB_ASYNC_POOL_MAX connections (the sync pool and the hot path's async one); and
 the books are exact.
 """
 
@@ -27,12 +27,12 @@ from usage.models import CreditAccount, LedgerEntry, UsageRecord
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
 CALLS = 200
-POOL_MAX = 20  # DB_POOL_MAX's default
+POOL_MAX = 20 + 20  # DB_POOL_MAX's default + DB_ASYNC_POOL_MAX's
 
 
 @pytest.fixture
 def live_server_daphne_env() -> dict[str, str]:
-    return {"DB_POOL": "", "DB_POOL_MAX": "", "DB_POOL_TIMEOUT": ""}  # unset: the defaults
+    return {"DB_POOL": "", "DB_POOL_MAX": "", "DB_POOL_TIMEOUT": "", "DB_ASYNC_POOL": "", "DB_ASYNC_POOL_MAX": ""}  # unset: the defaults
 
 
 class _ConnectionWatch:
