@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
-from agents.openai_compat.errors import OpenAIError
+from openai_compat.errors import OpenAIError
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP_SEQUENCES = 4
