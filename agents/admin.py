@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from agents.models import Agent, Deployment, LLMModel, Provider
+from usage import debug, pricing
 from usage.models import AdminDebugLog, ModelPrice
 
 
@@ -127,6 +128,14 @@ class LLMModelAdmin(admin.ModelAdmin):
     class Media:
         css = {"all": ["css/admin-extra.css"]}
 
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        """Price rows are usage's: a new one goes through usage.pricing, the one price write path."""
+        if formset.model is not ModelPrice:
+            super().save_formset(request, form, formset, change)
+            return
+        for row in formset.save(commit=False):  # only additions: rows can be neither changed nor deleted
+            pricing.save_price(row)
+
     def get_queryset(self, request: HttpRequest):
         return super().get_queryset(request).prefetch_related("deployments", "prices")
 
@@ -157,8 +166,6 @@ class DebugForm(forms.Form):
 
 def _run_debug(action: str, *, agent: Agent, staff_user: Any, content: str) -> AdminDebugLog:
     """Calls usage.debug (owned by the usage app); each returns the AdminDebugLog it wrote."""
-    from usage import debug
-
     fn = {"route": debug.route_test, "preview": debug.prompt_preview, "run": debug.execution_test}[action]
     kwargs: dict[str, Any] = {"agent": agent, "staff_user": staff_user}
     if action != "route":

@@ -1,26 +1,18 @@
-"""Writes for providers, models (deployments, prices) and agents; the staff API and setup scripts call these."""
+"""Writes for providers, models (with their deployments) and agents; the staff API and setup scripts call these.
+
+Prices are usage's: the entry points write them through usage.pricing.set_model_price, in the same transaction."""
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import ProtectedError
-from django.utils import timezone
 
 from agents.llm import cache
 from agents.models import Agent, Deployment, LLMModel, Provider
-from agents.selectors import current_price
 from aiwriter.errors import ApiError, Conflict
-from usage.models import ModelPrice
-
-PRICE_FIELDS = ("input_price_per_million", "cached_input_price_per_million", "output_price_per_million")
-# ModelPrice field -> the request field that set it, so a refused price names what the client sent.
-PRICE_FIELD_NAMES = {"input_per_million": "input_price_per_million",
-                     "cached_input_per_million": "cached_input_price_per_million",
-                     "output_per_million": "output_price_per_million"}
 
 
 def _assign(obj: Any, fields: dict[str, Any]) -> None:
@@ -28,13 +20,12 @@ def _assign(obj: Any, fields: dict[str, Any]) -> None:
         setattr(obj, name, value)
 
 
-def _clean(obj: Any, rename: dict[str, str] | None = None) -> None:
-    """Model validation as an API error (400 with the fields), never a 500. `rename` maps model field names to
-    the request's (a price row's output_per_million is the API's output_price_per_million)."""
+def _clean(obj: Any) -> None:
+    """Model validation as an API error (400 with the fields), never a 500."""
     try:
         obj.full_clean()
     except DjangoValidationError as exc:
-        fields = {(rename or {}).get(name, name): messages for name, messages in exc.message_dict.items()}
+        fields = dict(exc.message_dict)
         raise ApiError("Invalid data.", code="invalid", extra={"fields": fields}) from None
 
 
@@ -66,21 +57,6 @@ def delete_provider(provider: Provider) -> None:
 
 # --- models -----------------------------------------------------------------------------------
 
-def set_model_price(model: LLMModel, *, input_per_million: Decimal, output_per_million: Decimal,
-                    cached_input_per_million: Decimal | None = None) -> ModelPrice | None:
-    """Adds a price row effective now when the price changes; past usage keeps the cost it was charged."""
-    now = timezone.now()
-    price = current_price(model, at=now)
-    if price is not None and (price.input_per_million, price.output_per_million, price.cached_input_per_million) == (
-            input_per_million, output_per_million, cached_input_per_million):
-        return None
-    row = ModelPrice(model=model, input_per_million=input_per_million, output_per_million=output_per_million,
-                     cached_input_per_million=cached_input_per_million, effective_from=now)
-    _clean(row, PRICE_FIELD_NAMES)  # negative, absurd or over-precise prices are a 400, not a lock-out
-    row.save()
-    return row
-
-
 def _set_deployments(model: LLMModel, deployments: list[dict[str, Any]]) -> None:
     """Makes the model's deployments exactly `deployments` ({provider, upstream_model, weight}), keeping ids."""
     existing = {(d.provider_id, d.upstream_model): d for d in model.deployments.all()}
@@ -100,43 +76,22 @@ def _set_deployments(model: LLMModel, deployments: list[dict[str, Any]]) -> None
             deployment.delete()
 
 
-def _prices(fields: dict[str, Any], model: LLMModel | None) -> dict[str, Any] | None:
-    given = {name: fields.pop(name) for name in PRICE_FIELDS if name in fields}
-    if not given:
-        return None
-    current = current_price(model) if model is not None and model.pk else None
-    return {
-        "input_per_million": given.get("input_price_per_million",
-                                       current.input_per_million if current else Decimal("0")),
-        "output_per_million": given.get("output_price_per_million",
-                                        current.output_per_million if current else Decimal("0")),
-        "cached_input_per_million": given.get("cached_input_price_per_million",
-                                              current.cached_input_per_million if current else None),
-    }
-
-
 @transaction.atomic
 def create_model(*, deployments: list[dict[str, Any]] | None = None, **fields: Any) -> LLMModel:
-    prices = _prices(fields, None) or {"input_per_million": Decimal("0"), "output_per_million": Decimal("0"),
-                                       "cached_input_per_million": None}
     model = LLMModel(**fields)
     _clean(model)
     model.save()
     _set_deployments(model, deployments or [])
-    set_model_price(model, **prices)
     return model
 
 
 @transaction.atomic
 def update_model(model: LLMModel, *, deployments: list[dict[str, Any]] | None = None, **fields: Any) -> LLMModel:
-    prices = _prices(fields, model)
     _assign(model, fields)
     _clean(model)
     model.save()
     if deployments is not None:
         _set_deployments(model, deployments)
-    if prices is not None:
-        set_model_price(model, **prices)
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django.db import transaction
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status, viewsets
 from rest_framework.permissions import IsAdminUser
@@ -19,6 +20,7 @@ from agents.serializers import (
     ModelSerializer,
     ProviderSerializer,
 )
+from usage import pricing
 
 # Names may hold dots and colons ("gpt-4o", "qwen2.5:7b"), never slashes.
 NAME_IN_URL = r"[^/]+"
@@ -67,12 +69,23 @@ class LLMModelViewSet(_StaffViewSet):
     def get_queryset(self):
         return selectors.model_list()
 
+    # The model through agents.services, its price through usage.pricing (the one price write path), in one
+    # transaction: a refused price leaves the model unchanged.
     def perform_create(self, serializer):
-        model = services.create_model(**serializer.validated_data)
+        fields = dict(serializer.validated_data)
+        prices = pricing.take_price_fields(fields, None) or pricing.NO_PRICE
+        with transaction.atomic():
+            model = services.create_model(**fields)
+            pricing.set_model_price(model, **prices)
         serializer.instance = self.get_queryset().get(pk=model.pk)  # fresh prefetch of deployments and price
 
     def perform_update(self, serializer):
-        model = services.update_model(serializer.instance, **serializer.validated_data)
+        fields = dict(serializer.validated_data)
+        with transaction.atomic():
+            prices = pricing.take_price_fields(fields, serializer.instance)
+            model = services.update_model(serializer.instance, **fields)
+            if prices is not None:
+                pricing.set_model_price(model, **prices)
         serializer.instance = self.get_queryset().get(pk=model.pk)
 
 

@@ -8,9 +8,12 @@ class AiwriterConfig(AppConfig):
     verbose_name = "aiwriter"
 
     def ready(self) -> None:
+        from agents.selectors import deployment_health
         from aiwriter import checks, observability  # noqa: F401 - checks registers itself
+        from usage.models import UsageRecord
 
-        observability.connect()
+        # aiwriter's wiring sits above every app; observability (the base layer) gets the app parts from here.
+        observability.connect(UsageRecord, deployment_health)
         # Our product's name in the operator console, not "Django administration".
         from django.contrib import admin
 

@@ -69,7 +69,7 @@ class RejectNulMiddleware:
         else:
             return None
         if request.path.startswith("/v1/"):
-            from agents.openai_compat.errors import OpenAIError
+            from openai_compat.errors import OpenAIError
 
             return OpenAIError(message, code="invalid_value").response()
         return error_response("bad_request", message, 400)

@@ -7,7 +7,8 @@ Metrics others may feed:
 
 Model-call metrics are fed from a post_save signal on usage.UsageRecord (one row per model call), so
 no entry point has to remember to count. Deployment health is read at scrape time from
-agents.selectors.deployment_health().
+agents.selectors.deployment_health(). This module is the base layer: AiwriterConfig.ready() hands it both
+(connect()), so it imports neither app.
 
 Processes: each daphne process keeps its own registry and serves its own `/metrics`; scrape every
 process. With PROMETHEUS_MULTIPROC_DIR set (an empty directory, before start) prometheus-client's
@@ -21,7 +22,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -140,15 +141,16 @@ class DeploymentHealthCollector(Collector):
     """Breaker state per deployment, read at scrape time from agents.selectors.deployment_health()."""
 
     _STATES = ("closed", "half_open", "open")
+    rows: Callable[[], Iterable[Any]] | None = None  # set by connect()
 
     def describe(self) -> list:
         return []  # registering must not call collect(): no DB access while apps load
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from agents import selectors
-
+        if self.rows is None:
+            return
         try:
-            rows = selectors.deployment_health()
+            rows = list(self.rows())
         except Exception:  # noqa: BLE001 - a scrape must still answer with the other metrics
             logger.exception("deployment_health() failed during a metrics scrape")
             return
@@ -169,14 +171,14 @@ class DeploymentHealthCollector(Collector):
 _health_collector = DeploymentHealthCollector()
 
 
-def connect() -> None:
-    """Wires the signal and the scrape-time collector. Called once from AiwriterConfig.ready()."""
+def connect(usage_record: type, deployment_health: Callable[[], Iterable[Any]]) -> None:
+    """Wires the signal on `usage_record` (the UsageRecord model) and the scrape-time collector reading
+    `deployment_health` (agents.selectors.deployment_health). Called once from AiwriterConfig.ready()."""
     from django.db.backends.signals import connection_created
     from django.db.models.signals import post_save
 
-    from usage.models import UsageRecord
-
-    post_save.connect(_usage_record_saved, sender=UsageRecord, dispatch_uid="aiwriter.observability.usage")
+    _health_collector.rows = deployment_health
+    post_save.connect(_usage_record_saved, sender=usage_record, dispatch_uid="aiwriter.observability.usage")
     connection_created.connect(_install_db_timer, dispatch_uid="aiwriter.observability.db_timer")
     try:
         REGISTRY.register(_health_collector)

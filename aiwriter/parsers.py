@@ -1,6 +1,6 @@
 """Our one JSON reading of request bodies and websocket frames: bounded nesting, and no NUL characters.
 
-`loads` is used by the API's DRF parser, /v1 (agents/openai_compat/parsing.py) and the chat websocket.
+`loads` is used by the API's DRF parser, /v1 (openai_compat/parsing.py) and the chat websocket.
 A document nested deeper than MAX_JSON_DEPTH is refused (json would otherwise raise RecursionError, a
 500, and code walking it later could too); the walk is iterative. NUL is refused where the strings are
 stored or looked up (the API and the websocket; PostgreSQL text cannot hold it).

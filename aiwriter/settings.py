@@ -70,6 +70,8 @@ INSTALLED_APPS = [
     "channels",
     "agents",
     "conversations",
+    "openai_compat",
+    "writer",
     "usage",
     "aiwriter.apps.AiwriterConfig",  # wires metrics signals (aiwriter/observability.py)
 ]

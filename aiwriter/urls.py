@@ -19,8 +19,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/", include("usage.urls")),
     path("api/", include("conversations.urls")),
-    path("api/ai/", include("agents.writer.urls")),  # writer: generate-text, topics, optimize
+    path("api/ai/", include("writer.urls")),  # writer: generate-text, topics, optimize
     path("api/", include("agents.urls")),  # staff: providers, models, agents, ai-services
-    path("v1/", include("agents.openai_compat.urls")),
+    path("v1/", include("openai_compat.urls")),
     re_path(r"^api/", errors.unknown_api_path),  # last: JSON 404 for unknown API paths, DEBUG or not
 ]

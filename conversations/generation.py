@@ -23,13 +23,13 @@ from django.db import InterfaceError, OperationalError
 from agents.llm import errors as llm_errors
 from agents.llm import tokens
 from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
-from agents.openai_compat import keylimits
 from aiwriter import deferred
 from aiwriter.db import released
 from aiwriter.errors import ApiError
 from conversations import hotpath, prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
+from usage import keylimits
 from usage.metering import CallContext, MeteredResult, metered_stream
 from usage.money import money_str
 

@@ -30,8 +30,8 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from agents.llm import redis_guard
 from aiwriter import redis as shared_redis
+from aiwriter import redis_guard
 from aiwriter.errors import ApiError
 from conversations.models import GenerationLease, Message
 

@@ -17,8 +17,8 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
 
-from agents.llm import redis_guard
 from aiwriter import redis as shared_redis
+from aiwriter import redis_guard
 from conversations.locks import ADVISORY_SEQUENCE
 from conversations.models import Message
 

@@ -25,11 +25,12 @@ from django.utils import timezone
 
 from agents.llm import tokens
 from agents.models import Agent
-from agents.openai_compat import keylimits
 from aiwriter.errors import ApiError
 from conversations import locks, moderation, selectors, sequence
 from conversations.models import Conversation, GenerationLease, Message
+from usage import keylimits
 from usage.models import ApiKey
+from usage.services import settle_abandoned_calls
 
 logger = logging.getLogger(__name__)
 
@@ -375,9 +376,6 @@ def release_lock(exchange: Exchange) -> None:
 
 def _settle_swept_call(reply: Message) -> None:
     """The dead worker's credit hold: billed for the text that arrived (an estimate), the rest released."""
-    from agents.llm import tokens
-    from usage.services import settle_abandoned_calls
-
     model = reply.conversation.agent.model.name
     question = reply.reply_to.content if reply.reply_to else ""
     prompt_tokens = tokens.count_messages([{"role": "user", "content": question}], model)

@@ -21,6 +21,9 @@ import time
 from django.conf import settings
 from django.db import Error as DatabaseError
 
+from conversations.services import sweep_stuck_messages
+from usage.services import reconcile_reservations
+
 logger = logging.getLogger(__name__)
 
 _started_in: int | None = None  # the pid that started it (a forked child starts its own)
@@ -28,9 +31,6 @@ _start_lock = threading.Lock()
 
 
 def sweep_once() -> dict[str, int]:
-    from conversations.services import sweep_stuck_messages
-    from usage.services import reconcile_reservations
-
     swept = sweep_stuck_messages(older_than_seconds=settings.CONVERSATION_LOCK_SECONDS, only_unlocked=True)
     reconciled = reconcile_reservations()
     return {"swept": swept, **reconciled}

@@ -86,8 +86,8 @@ def own_redis():
 
 
 def _forget_redis_clients() -> None:
-    from agents.llm import redis_guard
     from aiwriter import redis as shared_redis
+    from aiwriter import redis_guard
 
     shared_redis.get_redis.cache_clear()
     shared_redis._async_clients.clear()

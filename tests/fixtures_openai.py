@@ -59,7 +59,7 @@ def make_account(username: str | None = None, *, credit: str | None = "100", **k
 def _fresh_key_rate_counters():
     """Key rate limits count in this process when REDIS_URL is unset (conftest flushes Redis otherwise);
     a new test must not inherit the last one's counts, as primary keys repeat between tests."""
-    from agents.openai_compat import keylimits
+    from usage import keylimits
 
     keylimits.local_counters.clear()
     yield

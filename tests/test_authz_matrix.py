@@ -38,11 +38,11 @@ METHODS = ("get", "post", "put", "patch", "delete")
 # Plain (non-DRF) views: (who may call them, their methods). Keyed by "module.qualname" of the view function.
 PLAIN_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
     "aiwriter.observability.metrics_view": ("staff", ("get",)),  # or the METRICS_TOKEN bearer
-    "agents.openai_compat.views.chat_completions": ("openai", ("post",)),
-    "agents.openai_compat.views.list_models": ("openai", ("get",)),
-    "agents.openai_compat.views.retrieve_model": ("openai", ("get",)),
+    "openai_compat.views.chat_completions": ("openai", ("post",)),
+    "openai_compat.views.list_models": ("openai", ("get",)),
+    "openai_compat.views.retrieve_model": ("openai", ("get",)),
     # /v1's catch-all: OpenAI's "Invalid URL" 404 for anyone, so nothing behind it answers without a key.
-    "agents.openai_compat.views.unknown_path": ("fallback", ("get", "post")),
+    "openai_compat.views.unknown_path": ("fallback", ("get", "post")),
 }
 # Routes anyone may read, and why.
 PUBLIC = {

@@ -3,8 +3,8 @@
 A live daphne with only DATABASE_URL set (as the README says for production) gets a bounded connection
 pool: 200 concurrent /v1 calls wait for a connection instead of opening one each (PostgreSQL's
 `max_connections` is 100 by default, and 100 of them got 503 `database_unavailable` before). Every call
-gets an answer (success or 402), no 5xx; the process never holds more than DB_POOL_MAX + DB_ASYNC_POOL_MAX connections (the sync pool and the hot path's async one); and
-the books are exact.
+gets an answer (success or 402), no 5xx; the process never holds more than DB_POOL_MAX +
+DB_ASYNC_POOL_MAX connections (the sync pool and the hot path's async one); and the books are exact.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ POOL_MAX = 20 + 20  # DB_POOL_MAX's default + DB_ASYNC_POOL_MAX's
 
 @pytest.fixture
 def live_server_daphne_env() -> dict[str, str]:
-    return {"DB_POOL": "", "DB_POOL_MAX": "", "DB_POOL_TIMEOUT": "", "DB_ASYNC_POOL": "", "DB_ASYNC_POOL_MAX": ""}  # unset: the defaults
+    # unset: the defaults
+    return {"DB_POOL": "", "DB_POOL_MAX": "", "DB_POOL_TIMEOUT": "", "DB_ASYNC_POOL": "", "DB_ASYNC_POOL_MAX": ""}
 
 
 class _ConnectionWatch:

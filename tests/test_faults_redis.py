@@ -21,8 +21,9 @@ import redis
 import websockets
 from django.core.cache import cache
 
-from agents.llm import redis_guard, service
+from agents.llm import service
 from agents.llm.types import ChatRequest
+from aiwriter import redis_guard
 from conversations import locks, services
 from conversations.models import Conversation, GenerationLease, Message
 from tests.factories import make_api_key

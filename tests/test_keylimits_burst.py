@@ -85,7 +85,7 @@ async def test_a_refused_call_gives_its_hold_back(fake_upstream):
     await sync_to_async(start_of_a_fresh_minute)(margin=20)
     for _ in range(3):
         assert await _burst(broke, 1) == [402]
-    from agents.openai_compat import keylimits
+    from usage import keylimits
 
     hold = await keylimits.acquire(broke.key, prompt_tokens=9, max_output_tokens=191)
     assert hold is not None and hold.tokens == 200  # the whole minute is still there

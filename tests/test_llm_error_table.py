@@ -15,10 +15,10 @@ from agents.llm.types import (
     RateLimited,
     UpstreamTimeout,
 )
-from agents.openai_compat.errors import from_llm_error
-from agents.writer.services import api_error
 from conversations.generation import error_frame, llm_outcome, outcome_error, outcome_frame
 from conversations.models import Message
+from openai_compat.errors import from_llm_error
+from writer.services import api_error
 
 # error → (writer REST status, chat REST status, retryable, /v1 type, /v1 x-should-retry)
 TABLE = [

@@ -45,8 +45,8 @@ async def _as(**key_fields) -> Chat:
 
 def _next_minute() -> None:
     """The key's counters start over, as in the next one-minute window."""
-    from agents.openai_compat import keylimits
     from aiwriter.redis import get_redis, key
+    from usage import keylimits
 
     keylimits.local_counters.clear()
     if settings.REDIS_URL:

@@ -393,7 +393,7 @@ async def test_unknown_v1_path_is_404_in_openai_shape(openai_account, method):
 
 
 async def test_a_bug_is_500_in_openai_shape(openai_account, fake_gpt, fake_upstream, monkeypatch):
-    from agents.openai_compat import calls
+    from openai_compat import calls
 
     async def broken(**kwargs):
         raise RuntimeError("a bug")

@@ -13,8 +13,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import AsyncClient
 
-from agents.openai_compat import keylimits
 from tests.fixtures_openai import make_account, start_of_a_fresh_minute
+from usage import keylimits
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 T0 = 1_800_000_000.0  # the start of a one-minute window (divisible by 60)
@@ -134,7 +134,7 @@ _OTHER_PROCESS = textwrap.dedent("""
     from types import SimpleNamespace
     import django
     django.setup()
-    from agents.openai_compat import keylimits
+    from usage import keylimits
     key = SimpleNamespace(pk=7, rpm=3, tpm=None)
     async def main():
         for _ in range(2):

@@ -9,7 +9,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from agents.openai_compat import calls, hotcache
+from openai_compat import calls, hotcache
 from usage.metering import metered_complete
 
 pytestmark = pytest.mark.django_db(transaction=True)

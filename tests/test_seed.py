@@ -11,8 +11,8 @@ from django.test import override_settings
 
 from agents.models import Agent, Deployment, LLMModel, Provider
 from agents.selectors import current_price
-from agents.services import update_model
 from usage.models import ApiKey, CreditAccount, LedgerEntry
+from usage.pricing import set_model_price
 
 pytestmark = pytest.mark.django_db
 
@@ -110,7 +110,7 @@ def test_openai_environment_seeds_provider_priced_models_and_agent_idempotently(
     assert Agent.objects.get(slug="assistant").model == mini
     assert "assistant" in out
 
-    update_model(mini, output_price_per_million=Decimal("0.7"))  # the operator edits a price in the admin
+    set_model_price(mini, input_per_million=Decimal("0.15"), output_per_million=Decimal("0.7"))  # an admin edit
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-2")  # and rotates the key
     seed()
     provider.refresh_from_db()

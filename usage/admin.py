@@ -36,6 +36,7 @@ from usage.models import (
     UsageRecord,
 )
 from usage.money import money_str
+from usage.services import grant_credits, revoke_api_key
 
 MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)
 # Management commands that push usage to the billing system, in the order we look for them.
@@ -101,8 +102,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet) -> None:
-        from usage.services import revoke_api_key
-
         count = 0
         for api_key in queryset.filter(revoked_at__isnull=True):
             revoke_api_key(api_key=api_key)
@@ -197,8 +196,6 @@ class CreditAccountAdmin(admin.ModelAdmin):
             raise PermissionDenied
         form = TopUpForm(request.POST or None, initial={"user": request.GET.get("user")})
         if request.method == "POST" and form.is_valid():
-            from usage.services import grant_credits
-
             data = form.cleaned_data
             try:
                 grant_credits(user=data["user"], amount=data["amount"], reason=data["reason"],

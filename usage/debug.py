@@ -13,18 +13,17 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 
-from agents.llm import tokens
+from agents.llm import balancer, breaker, health, registry, tokens
 from agents.llm.agent_request import build_agent_request
 from agents.llm.types import LLMError
 from agents.models import Agent
+from usage.metering import CallContext, metered_complete
 from usage.models import AdminDebugLog, UsageRecord
 
 DEFAULT_MESSAGES = [{"role": "user", "content": "Hello! Please introduce yourself in one sentence."}]
 
 
 def _deployments(model_name: str) -> dict[str, Any]:
-    from agents.llm import balancer, breaker, health, registry
-
     route = registry.load_route(model_name)  # fresh from the database, not the route cache
     rows, candidates = [], []
     for d in route.deployments:
@@ -69,8 +68,6 @@ def prompt_preview(*, agent: Agent, staff_user: Any, messages: list[dict[str, An
 
 
 def execution_test(*, agent: Agent, staff_user: Any, messages: list[dict[str, Any]] | None) -> AdminDebugLog:
-    from usage.metering import CallContext, metered_complete
-
     messages = messages or DEFAULT_MESSAGES
     request = build_agent_request(agent, messages, user=staff_user)
     ctx = CallContext(user=staff_user, entry_point=UsageRecord.EntryPoint.DEBUG, agent=agent, debug=True)

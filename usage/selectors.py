@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
+from agents.models import LLMModel
 from usage import periods
 from usage.models import CreditAccount, DailyRollup, LedgerEntry, Quota, QuotaAlert, UsageCounter, UsageRecord
 from usage.money import ZERO, money_str, quantize, to_cents
@@ -195,6 +196,4 @@ def ledger_entries(*, user: Any) -> QuerySet[LedgerEntry]:
 
 
 def model_exists(name: str) -> bool:
-    from agents.models import LLMModel
-
     return LLMModel.objects.filter(name=name).exists()

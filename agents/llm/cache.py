@@ -19,8 +19,8 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache as django_cache
 
-from agents.llm import redis_guard
 from agents.llm.types import ChatRequest
+from aiwriter import redis_guard
 from aiwriter.redis import get_async_redis, get_redis
 from aiwriter.redis import key as redis_key
 

@@ -16,7 +16,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from agents.llm import redis_guard
+from aiwriter import redis_guard
 from aiwriter.redis import get_async_redis
 from aiwriter.redis import key as redis_key
 

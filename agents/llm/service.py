@@ -34,7 +34,6 @@ from agents.llm import (
     health,
     metrics,
     ratelimit,
-    redis_guard,
     registry,
     retry,
     tokens,
@@ -53,6 +52,7 @@ from agents.llm.types import (
     UpstreamTimeout,
     Usage,
 )
+from aiwriter import redis_guard
 
 MAX_ATTEMPTS = 10
 

@@ -10,11 +10,12 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
+from django.db import transaction
 
 from agents import services as agent_services
 from agents.models import Agent, Deployment, LLMModel, Provider
-from usage.models import ApiKey, CreditAccount, ModelPrice
+from usage import pricing
+from usage.models import ApiKey, CreditAccount
 from usage.money import money_str
 from usage.services import create_api_key, ensure_account, grant_credits, revoke_api_key
 
@@ -87,8 +88,7 @@ class Command(BaseCommand):
         model, created = LLMModel.objects.get_or_create(name="demo-chat", defaults={"context_window": 8192})
         Deployment.objects.get_or_create(model=model, provider=provider, upstream_model="demo-chat")
         if created or not model.prices.exists():
-            ModelPrice.objects.create(model=model, input_per_million=Decimal("0"), output_per_million=Decimal("0"),
-                                      effective_from=timezone.now())
+            pricing.set_model_price(model, input_per_million=Decimal("0"), output_per_million=Decimal("0"))
         Agent.objects.get_or_create(
             slug="demo",
             defaults={
@@ -112,9 +112,10 @@ class Command(BaseCommand):
         for name, input_price, output_price in models:
             model = LLMModel.objects.filter(name=name).first()
             if model is None:
-                agent_services.create_model(name=name, input_price_per_million=input_price,
-                                            output_price_per_million=output_price,
-                                            deployments=[{"provider": provider, "upstream_model": name}])
+                with transaction.atomic():
+                    model = agent_services.create_model(
+                        name=name, deployments=[{"provider": provider, "upstream_model": name}])
+                    pricing.set_model_price(model, input_per_million=input_price, output_per_million=output_price)
             else:
                 Deployment.objects.get_or_create(model=model, provider=provider, upstream_model=name)
         if not Agent.objects.filter(slug=OPENAI_AGENT).exists():

@@ -17,8 +17,12 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.utils import timezone
+
+from agents.models import Agent, LLMModel
+from usage.models import ApiKey
 
 MAX_ENTRIES = 10_000
 # resolve_api_key writes last_used_at at most once a minute; a hit older than that goes to the database.
@@ -34,8 +38,6 @@ def _ttl() -> float:
 
 def get_key(raw_key: str) -> Any | None:
     """The live ApiKey for a bearer token if this process knows it, else None (ask resolve_api_key)."""
-    from usage.models import ApiKey
-
     entry = _keys.get(ApiKey.hash_key(raw_key))
     if entry is None or entry[0] <= time.monotonic():
         return None
@@ -73,15 +75,9 @@ def clear(*args: Any, **kwargs: Any) -> None:
 
 
 def connect() -> None:
-    from django.contrib.auth import get_user_model
-
-    from agents.models import Agent, LLMModel
-    from usage.models import ApiKey
-
+    """Wires the clearing signals; called once from OpenaiCompatConfig.ready()."""
     for model in (ApiKey, get_user_model(), LLMModel, Agent):
         post_save.connect(clear, sender=model, dispatch_uid=f"openai-hotcache-save-{model.__name__}")
         post_delete.connect(clear, sender=model, dispatch_uid=f"openai-hotcache-delete-{model.__name__}")
     m2m_changed.connect(clear, sender=ApiKey.allowed_models.through, dispatch_uid="openai-hotcache-allowed-models")
 
-
-connect()

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from agents.writer import views
+from writer import views
 
 urlpatterns = [
     path("generate-text/", views.GenerateTextView.as_view(), name="writer-generate-text"),

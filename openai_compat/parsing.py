@@ -13,8 +13,8 @@ from typing import Any
 
 from django.conf import settings
 
-from agents.openai_compat.errors import OpenAIError
 from aiwriter import parsers as json_body
+from openai_compat.errors import OpenAIError
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP_SEQUENCES = 4

@@ -13,10 +13,11 @@ from asgiref.sync import sync_to_async
 from agents.llm import tokens
 from agents.llm.agent_request import build_agent_request
 from agents.llm.types import ChatRequest, ChatResult
-from agents.openai_compat import hotcache, keylimits
-from agents.openai_compat.targets import Target, resolve_target
 from aiwriter.db import released
 from aiwriter.errors import ApiError
+from openai_compat import hotcache
+from openai_compat.targets import Target, resolve_target
+from usage import keylimits
 from usage.metering import CallContext
 
 

@@ -12,8 +12,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agents.writer import serializers, services
 from usage.models import ApiKey
+from writer import serializers, services
 
 
 def _caller(request: Request) -> dict:

@@ -18,10 +18,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.llm.types import LLMError, ModelNotFound, TextDelta
-from agents.openai_compat import calls, errors, hotcache, parsing, responses, targets
 from aiwriter.db import released
 from aiwriter.errors import ApiError
 from aiwriter.observability import timing
+from openai_compat import calls, errors, hotcache, parsing, responses, targets
 from usage.authentication import bearer_token, resolve_api_key
 from usage.metering import MeteredResult, metered_complete, metered_stream
 from usage.models import ApiKey

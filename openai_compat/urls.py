@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from agents.openai_compat import views
+from openai_compat import views
 
 app_name = "openai"
 
