@@ -12,8 +12,8 @@ from django.utils import timezone
 
 from agents.llm import breaker, cache, health, metrics
 from agents.models import Agent, Deployment, LLMModel, Provider
+from aiwriter.money import money_str
 from usage.models import ModelPrice, UsageRecord
-from usage.money import money_str
 
 
 def current_price(model: LLMModel | int, *, at: datetime | None = None) -> ModelPrice | None:

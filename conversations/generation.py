@@ -26,12 +26,12 @@ from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from aiwriter import deferred
 from aiwriter.db import released
 from aiwriter.errors import ApiError
+from aiwriter.money import money_str
 from conversations import hotpath, prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
 from usage import keylimits
 from usage.metering import CallContext, MeteredResult, metered_stream
-from usage.money import money_str
 
 logger = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ class ConversationCreatedSerializer(ConversationSerializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     error_display = serializers.SerializerMethodField()
-    cost = MoneyField()  # the one money format (usage.money.money_str): "0.0005725", never "0E-10"
+    cost = MoneyField()  # the one money format (aiwriter.money.money_str): "0.0005725", never "0E-10"
     total_tokens = serializers.SerializerMethodField()
 
     class Meta:

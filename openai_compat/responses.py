@@ -14,7 +14,7 @@ from urllib.parse import quote
 from django.http import StreamingHttpResponse
 
 from agents.llm.types import ChatResult, TextDelta, Usage
-from usage.money import money_str
+from aiwriter.money import money_str
 
 DONE = b"data: [DONE]\n\n"
 

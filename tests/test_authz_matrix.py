@@ -43,7 +43,10 @@ PLAIN_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
     "openai_compat.views.retrieve_model": ("openai", ("get",)),
     # /v1's catch-all: OpenAI's "Invalid URL" 404 for anyone, so nothing behind it answers without a key.
     "openai_compat.views.unknown_path": ("fallback", ("get", "post")),
+    # /api/'s catch-all (after every API route): our JSON 404 for anyone, even with DEBUG on.
+    "aiwriter.errors.unknown_api_path": ("api-fallback", ("get", "post")),
 }
+FALLBACKS = {"fallback", "api-fallback"}
 # Routes anyone may read, and why.
 PUBLIC = {
     "/api/schema/": "the OpenAPI schema is published for client generators (no data in it)",
@@ -118,7 +121,7 @@ def _classify(route: Route) -> None:
         route.access, route.methods = PLAIN_VIEWS[name]
     if not route.methods:
         route.problems.append(f"{route.path}: no HTTP method found on {route.callback}")
-    unknown = [k for k in route.kwargs if k not in OWNED_KWARGS | CATALOGUE_KWARGS and route.access != "fallback"]
+    unknown = [k for k in route.kwargs if k not in OWNED_KWARGS | CATALOGUE_KWARGS and route.access not in FALLBACKS]
     if unknown:
         route.problems.append(f"{route.path}: URL kwarg(s) {unknown} are neither OWNED_KWARGS (a user's object, "
                               "404 for others) nor CATALOGUE_KWARGS (a shared name)")
@@ -182,10 +185,17 @@ def test_v1_fallback_is_openai_404_for_anyone(client, route):
         assert response.status_code == 404 and _is_openai_error(response, None), (method, response.content)
 
 
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.access == "api-fallback"], ids=lambda r: r.path)
+def test_api_fallback_is_our_json_404_for_anyone(client, route):
+    for method in route.methods:
+        response = _call(client, method, "/api/no-such-thing/")
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", method
+
+
 def test_no_credentials_is_401(client):
     failures = []
     for route in ROUTES:
-        if route.access == "fallback":
+        if route.access in FALLBACKS:
             continue
         for method in route.methods:
             response = _call(client, method, route.url())

@@ -9,10 +9,10 @@ from django.utils import timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aiwriter.money import Price, call_cost, money_str, to_cents
 from tests.factories import make_model, make_user
 from tests.fixtures_usage import simulate_call
 from usage.models import ModelPrice
-from usage.money import Price, call_cost, money_str, to_cents
 from usage.services import grant_credits
 
 GPT = Price(input=Decimal("2.5"), output=Decimal("10"), cached_input=Decimal("1.25"))

@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 
+from aiwriter.money import money_str
 from conversations.models import Conversation, Message
 from tests.factories import make_agent, make_fake_model, make_provider, make_user
 from tests.fixtures_web import browser_login
 from tests.test_browser_chat import RECORDER
-from usage.money import money_str
 
 pytestmark = [pytest.mark.browser, pytest.mark.pg, pytest.mark.timeout(120)]
 

@@ -8,10 +8,10 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from aiwriter.asgi import application
+from aiwriter.money import money_str
 from conversations import locks
 from conversations.models import Conversation, Message
 from tests.factories import make_api_key
-from usage.money import money_str
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -27,7 +27,8 @@ NAMES = ["base", "catalog", "llm", "catalog services", "billing", "entry"]
 ENTRY_APPS = {"conversations", "openai_compat", "writer"}
 # Modules that only answer requests, run commands or wire the project: nothing below imports them.
 ENTRY_MODULES = {"views", "urls", "admin", "serializers", "consumers", "apps"}
-AIWRITER_WIRING = {"asgi", "routing", "urls", "pages", "dashboard", "charts", "health", "openapi", "apps", "ws_auth"}
+AIWRITER_WIRING = {"asgi", "routing", "urls", "middleware", "pages", "dashboard", "charts", "health", "openapi", "apps",
+                   "ws_auth"}
 EXPLICIT = {
     "agents.selectors": CATALOG_SERVICES,
     "agents.services": CATALOG_SERVICES,

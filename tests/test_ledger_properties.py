@@ -32,12 +32,12 @@ from hypothesis.stateful import (
 )
 
 from agents.llm.types import ChatRequest
+from aiwriter.money import call_cost, quantize
 from tests.factories import make_model, make_user
 from usage import periods
 from usage.errors import InsufficientBalance, QuotaExceeded
 from usage.metering import CallContext
 from usage.models import CreditAccount, LedgerEntry, Quota, Reservation, UsageCounter, UsageRecord
-from usage.money import call_cost, quantize
 from usage.services import (
     CallOutcome,
     begin_call,

@@ -5,11 +5,11 @@ from decimal import Decimal
 
 import pytest
 
+from aiwriter.money import money_str
 from conversations.generation import done_frame
 from conversations.models import Message
 from conversations.serializers import MessageSerializer
 from tests.factories import make_agent, make_fake_model
-from usage.money import money_str
 
 pytestmark = pytest.mark.django_db
 

@@ -16,11 +16,11 @@ from typing import Any
 import openai
 import pytest
 
+from aiwriter.money import money_str
 from devtools.fake_openai import Knobs, echo_text, prompt_tokens, reply_tokens, token_pieces
 from tests.factories import make_agent
 from tests.fixtures_openai import FAKE_GPT_INPUT_PRICE, FAKE_GPT_OUTPUT_PRICE, Account, make_account
 from usage.models import CreditAccount, LedgerEntry, UsageRecord
-from usage.money import money_str
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True)]
 

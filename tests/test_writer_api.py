@@ -9,11 +9,11 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 from rest_framework.test import APIClient
 
+from aiwriter.money import money_str
 from devtools.fake_openai import prompt_tokens
 from tests.factories import make_agent, make_fake_model
 from tests.fixtures_openai import FAKE_GPT_INPUT_PRICE, FAKE_GPT_OUTPUT_PRICE, make_account, start_of_a_fresh_minute
 from usage.models import LedgerEntry, UsageRecord
-from usage.money import money_str
 from writer.services import parse_topics
 
 pytestmark = pytest.mark.django_db(transaction=True)

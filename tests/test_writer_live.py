@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx2
 import pytest
 
+from aiwriter.money import money_str
 from usage.models import UsageRecord
-from usage.money import money_str
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True)]
 

@@ -7,11 +7,11 @@ from decimal import Decimal
 import pytest
 from rest_framework.test import APIClient
 
+from aiwriter.money import money_str
 from devtools.fake_openai import prompt_tokens
 from tests.factories import make_agent, make_fake_model, make_provider
 from tests.fixtures_openai import FAKE_GPT_INPUT_PRICE, FAKE_GPT_OUTPUT_PRICE, make_account
 from usage.models import CreditAccount, LedgerEntry, UsageRecord
-from usage.money import money_str
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -22,6 +22,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from aiwriter.errors import ApiError
+from aiwriter.money import money_str
 from usage import csv_export, periods
 from usage.models import (
     AdminDebugLog,
@@ -35,7 +36,6 @@ from usage.models import (
     QuotaAlert,
     UsageRecord,
 )
-from usage.money import money_str
 from usage.services import grant_credits, revoke_api_key
 
 MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)

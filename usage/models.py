@@ -11,7 +11,7 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
-from usage.money import money_str
+from aiwriter.money import money_str
 
 
 class _Digits(TypedDict):

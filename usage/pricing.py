@@ -22,8 +22,8 @@ from django.utils import timezone
 from agents.models import LLMModel
 from agents.selectors import current_price
 from aiwriter.errors import ApiError
+from aiwriter.money import FREE, Price
 from usage.models import ModelPrice
-from usage.money import FREE, Price
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
 from agents.models import LLMModel
+from aiwriter.money import ZERO, money_str, quantize, to_cents
 from usage import periods
 from usage.models import CreditAccount, DailyRollup, LedgerEntry, Quota, QuotaAlert, UsageCounter, UsageRecord
-from usage.money import ZERO, money_str, quantize, to_cents
 
 
 @dataclass

@@ -9,8 +9,8 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from aiwriter.money import money_str, to_cents
 from usage.models import AdminDebugLog, ApiKey, LedgerEntry, UsageRecord
-from usage.money import money_str, to_cents
 from usage.selectors import GROUPS
 
 MAX_RANGE = timedelta(days=3660)

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from agents.llm import tokens
 from aiwriter.errors import ApiError, Conflict
+from aiwriter.money import MONEY_LIMIT, ZERO, call_cost, quantize
 from usage import periods, pricing
 from usage.errors import InsufficientBalance, KeyBudgetExceeded, QuotaExceeded
 from usage.models import (
@@ -40,7 +41,6 @@ from usage.models import (
     UsageCounter,
     UsageRecord,
 )
-from usage.money import MONEY_LIMIT, ZERO, call_cost, quantize
 from usage.selectors import Limits, month_counters, quota_limits
 
 logger = logging.getLogger(__name__)

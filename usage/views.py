@@ -15,9 +15,9 @@ from rest_framework.views import APIView
 
 from agents.models import Agent
 from aiwriter.errors import NotFound
+from aiwriter.money import money_str, to_cents
 from usage import csv_export, debug, selectors, services
 from usage.models import ApiKey
-from usage.money import money_str, to_cents
 from usage.periods import local_day
 from usage.permissions import SessionOnly
 from usage.serializers import (

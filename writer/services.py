@@ -13,10 +13,10 @@ from typing import Any
 from agents.llm import errors as llm_errors
 from agents.llm.types import LLMError
 from aiwriter.errors import ApiError
+from aiwriter.money import money_str
 from openai_compat import calls
 from openai_compat.targets import AGENT_PREFIX
 from usage.metering import MeteredResult, metered_complete
-from usage.money import money_str
 
 
 @dataclass

@@ -14,9 +14,9 @@ from django.db import transaction
 
 from agents import services as agent_services
 from agents.models import Agent, Deployment, LLMModel, Provider
+from aiwriter.money import money_str
 from usage import pricing
 from usage.models import ApiKey, CreditAccount
-from usage.money import money_str
 from usage.services import create_api_key, ensure_account, grant_credits, revoke_api_key
 
 STATE_DIR = Path(settings.STATE_DIR)

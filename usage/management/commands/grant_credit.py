@@ -7,8 +7,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from aiwriter.errors import ApiError
+from aiwriter.money import money_str
 from usage.models import LedgerEntry
-from usage.money import money_str
 from usage.services import grant_credits
 
 
