@@ -10,16 +10,19 @@ from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from agents.models import Agent, Deployment, LLMModel, Provider
+from aiwriter.admin_display import money
 from usage import debug, pricing
 from usage.models import AdminDebugLog, ModelPrice
+
+PROBE_TIMEOUT = 15.0  # seconds for the provider page's "Test connection" (as probe_deployments' default)
 
 
 class ProviderForm(forms.ModelForm):
@@ -51,16 +54,41 @@ class ProviderForm(forms.ModelForm):
         return provider
 
 
+def _health_badge(status: str) -> str:
+    return format_html('<span class="aiw-health aiw-health-{}">{}</span>', status, status)
+
+
+def test_connection(provider: Provider) -> tuple[int, str]:
+    """One probe (the probe_deployments request) against the provider's first deployment; the verdict is stored
+    on that deployment like a periodic probe's. Returns (message level, text)."""
+    from agents.llm import registry
+    from agents.management.commands.probe_deployments import probe
+
+    deployment = (provider.deployments.select_related("provider", "model").order_by("-enabled", "id").first())
+    if deployment is None:
+        return messages.WARNING, f"{provider.name} has no deployment to probe: add one on a model's page first."
+    info = registry.deployment_info(deployment)
+    status, latency, error = async_to_sync(probe)(info, PROBE_TIMEOUT)
+    Deployment.objects.filter(pk=deployment.pk).update(health_status=status, last_check_at=timezone.now(),
+                                                       last_latency_ms=latency, last_error=error)
+    target = f"{provider.name} ({deployment.upstream_model})"
+    if error:
+        return messages.ERROR, f"Test connection to {target} failed after {latency} ms: {error}."
+    return messages.SUCCESS, f"Test connection to {target}: {status}, {latency} ms."
+
+
 @admin.register(Provider)
 class ProviderAdmin(admin.ModelAdmin):
     form = ProviderForm
     list_display = ["name", "kind", "base_url", "api_key_display", "weight", "enabled", "rpm", "tpm", "timeout"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "base_url"]
-    readonly_fields = ["api_key_display", "created_at", "updated_at"]
+    readonly_fields = ["api_key_display", "health", "created_at", "updated_at"]
+    change_form_template = "admin/agents/provider/change_form.html"
     fieldsets = [
         (None, {"fields": ["name", "kind", "base_url", "enabled", "weight"]}),
         ("Credentials", {"fields": ["api_key_display", "new_api_key", "clear_api_key"]}),
+        ("Health", {"fields": ["health"]}),
         ("Limits", {"fields": ["rpm", "tpm", "max_concurrency", "timeout", "max_retries"]}),
         ("Circuit breaker", {"fields": ["breaker_failure_threshold", "breaker_recovery_seconds"]}),
         ("History", {"fields": ["created_at", "updated_at"]}),
@@ -70,17 +98,63 @@ class ProviderAdmin(admin.ModelAdmin):
     def api_key_display(self, obj: Provider) -> str:
         return obj.masked_api_key or "—"
 
+    @admin.display(description="deployments")
+    def health(self, obj: Provider) -> str:
+        from agents.selectors import deployment_health
+
+        if obj.pk is None:
+            return "—"
+        rows = deployment_health(provider_id=obj.pk)
+        if not rows:
+            return "No deployments yet."
+        return format_html(
+            '<table class="aiw-provider-health"><thead><tr><th>model</th><th>upstream model</th><th>status</th>'
+            "<th>latency</th><th>last check</th><th>last error</th></tr></thead><tbody>{}</tbody></table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", (
+                (r.model, r.upstream_model, _health_badge(r.status),
+                 f"{r.response_time_ms} ms" if r.response_time_ms is not None else "—",
+                 timezone.localtime(r.last_check).strftime("%Y-%m-%d %H:%M:%S") if r.last_check else "—",
+                 r.last_error or "—") for r in rows)))
+
+    def get_urls(self):
+        custom = [path("<int:pk>/test-connection/", self.admin_site.admin_view(self.test_connection_view),
+                       name="agents_provider_test_connection")]
+        return custom + super().get_urls()
+
+    def test_connection_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        provider = get_object_or_404(Provider, pk=pk)
+        if request.method != "POST" or not self.has_change_permission(request, provider):
+            raise PermissionDenied
+        level, text = test_connection(provider)
+        self.message_user(request, text, level)
+        return HttpResponseRedirect(reverse("admin:agents_provider_change", args=[pk]))
+
 
 class DeploymentInline(admin.TabularInline):
     model = Deployment
     extra = 0
-    fields = ["provider", "upstream_model", "weight", "enabled", "health_status", "last_check_at", "last_latency_ms",
-              "last_error"]
-    readonly_fields = ["health_status", "last_check_at", "last_latency_ms", "last_error"]
+    # Fits 1280 px: the probe's verdict in one column, the error cut short (full text on hover).
+    fields = ["provider", "upstream_model", "weight", "enabled", "health", "last_error_short"]
+    readonly_fields = ["health", "last_error_short"]
     autocomplete_fields = ["provider"]
 
     def get_queryset(self, request: HttpRequest):
         return super().get_queryset(request).select_related("model", "provider")
+
+    @admin.display(description="health (last check)")
+    def health(self, obj: Deployment) -> str:
+        if obj.pk is None:
+            return "—"
+        latency = f" {obj.last_latency_ms} ms" if obj.last_latency_ms is not None else ""
+        when = timezone.localtime(obj.last_check_at).strftime("%m-%d %H:%M") if obj.last_check_at else "never"
+        return format_html("{}{} <small>{}</small>", _health_badge(obj.health_status), latency, when)
+
+    @admin.display(description="last error")
+    def last_error_short(self, obj: Deployment) -> str:
+        text = obj.last_error or ""
+        if len(text) <= 40:
+            return text or "—"
+        return format_html('<span title="{}">{}…</span>', text, text[:39])
 
 
 class ModelPriceForm(forms.ModelForm):
@@ -125,9 +199,6 @@ class LLMModelAdmin(admin.ModelAdmin):
     search_fields = ["name"]
     inlines = [DeploymentInline, ModelPriceInline]
 
-    class Media:
-        css = {"all": ["css/admin-extra.css"]}
-
     def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
         """Price rows are usage's: a new one goes through usage.pricing, the one price write path."""
         if formset.model is not ModelPrice:
@@ -149,7 +220,7 @@ class LLMModelAdmin(admin.ModelAdmin):
         current = next((p for p in obj.prices.all() if p.effective_from <= now), None)  # ordered newest first
         if current is None:
             return "—"
-        return f"{current.input_per_million.normalize():f} / {current.output_per_million.normalize():f}"
+        return f"{money(current.input_per_million)} / {money(current.output_per_million)}"
 
 
 class DebugForm(forms.Form):
@@ -177,8 +248,8 @@ def _run_debug(action: str, *, agent: Agent, staff_user: Any, content: str) -> A
 
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "model", "fallback_model", "temperature", "timeout_seconds", "enabled",
-                    "debug_link"]
+    # Fits 1280 px: temperature and timeout are on the change page.
+    list_display = ["slug", "name", "model", "fallback_model", "enabled", "debug_link"]
     list_filter = ["enabled", "model"]
     list_select_related = ["model", "fallback_model"]
     search_fields = ["slug", "name"]
@@ -188,6 +259,11 @@ class AgentAdmin(admin.ModelAdmin):
     @admin.display(description="debug")
     def debug_link(self, obj: Agent) -> str:
         return format_html('<a href="{}">debug</a>', reverse("admin:agents_agent_debug", args=[obj.pk]))
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict | None = None) -> HttpResponse:
+        extra = {"debug_url": reverse("admin:agents_agent_debug", args=[object_id])} if object_id else {}
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})
 
     def get_urls(self):
         custom = [path("<int:pk>/debug/", self.admin_site.admin_view(self.debug_view), name="agents_agent_debug")]

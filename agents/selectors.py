@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Prefetch, QuerySet, Sum
+from django.conf import settings
+from django.db.models import Avg, Count, Max, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
 from agents.llm import breaker, cache, health, metrics
@@ -83,28 +84,96 @@ class DeploymentHealth:
         }
 
 
-def deployment_health() -> list[DeploymentHealth]:
-    """One row per deployment, by model name. Live traffic health and breakers are per process (this one);
-    probe results come from the database."""
+# How far back the stored traffic (usage records, shared by every process) speaks for a deployment's health.
+STORED_TRAFFIC_WINDOW = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class StoredTraffic:
+    calls: int
+    errors: int
+    latency_ms: int | None
+    last_at: datetime
+    last_error: str
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+    def status(self) -> str:
+        """The live-traffic rule of agents.llm.health, over the calls every process recorded."""
+        if self.calls >= health.MIN_SAMPLES:
+            if self.error_rate >= settings.LLM_UNHEALTHY_ERROR_RATE:
+                return health.UNHEALTHY
+            if self.error_rate >= settings.LLM_DEGRADED_ERROR_RATE or \
+                    (self.latency_ms or 0) > settings.LLM_SLOW_LATENCY_MS:
+                return health.DEGRADED
+            return health.HEALTHY
+        return health.HEALTHY if self.errors == 0 else health.DEGRADED
+
+
+def stored_traffic(since: datetime | None = None) -> dict[tuple[str, str, str], StoredTraffic]:
+    """Recent upstream calls per (provider, model, upstream model) from the usage records: what a restarted
+    process (or another worker) knows without its own in-memory window. Cache hits never reached upstream."""
+    since = since or timezone.now() - STORED_TRAFFIC_WINDOW
+    recent = UsageRecord.objects.filter(created_at__gte=since, cached=False).exclude(provider="")
+    error = Q(status=UsageRecord.Status.ERROR)
+    rows = (recent.values("provider", "model", "upstream_model")
+            .annotate(calls=Count("id"), errors=Count("id", filter=error),
+                      latency=Avg("latency_ms", filter=~error), last_at=Max("created_at")))
+    last_errors = {}
+    for r in recent.filter(error).order_by("created_at").values("provider", "model", "upstream_model", "error_code"):
+        last_errors[(r["provider"], r["model"], r["upstream_model"])] = r["error_code"]
+    return {
+        (r["provider"], r["model"], r["upstream_model"]): StoredTraffic(
+            calls=r["calls"], errors=r["errors"], latency_ms=int(r["latency"]) if r["latency"] is not None else None,
+            last_at=r["last_at"], last_error=last_errors.get((r["provider"], r["model"], r["upstream_model"]), ""))
+        for r in rows
+    }
+
+
+def deployment_health(*, provider_id: int | None = None) -> list[DeploymentHealth]:
+    """One row per deployment, by model name. This process's live window when it has one; otherwise the shared
+    store: recent usage records (every process writes them) or the stored probe, whichever is newer. So a
+    restart doesn't reset health to "unknown". Breaker state is this process's."""
+    deployments = Deployment.objects.select_related("model", "provider").order_by("model__name", "id")
+    if provider_id is not None:
+        deployments = deployments.filter(provider_id=provider_id)
+    stored = stored_traffic()
     rows = []
-    for d in Deployment.objects.select_related("model", "provider").order_by("model__name", "id"):
+    for d in deployments:
         window = health.window(d.pk)
+        if window is not None and not window.calls:
+            window = None
+        traffic = None if window else stored.get((d.provider.name, d.model.name, d.upstream_model))
+        if traffic is not None and d.last_check_at is not None and d.last_check_at > traffic.last_at:
+            traffic = None  # the probe is newer
         live_at = (datetime.fromtimestamp(window.last_at, tz=timezone.get_current_timezone())
-                   if window and window.last_at else None)
+                   if window and window.last_at else traffic.last_at if traffic else None)
         last_check = max((t for t in (live_at, d.last_check_at) if t is not None), default=None)
         active = d.enabled and d.provider.enabled and d.model.enabled
-        latency = window.latency_ms if window and window.latency_ms is not None else d.last_latency_ms
-        status = health.status(d.pk, d.health_status) if active else "disabled"
+        latency: int | None
+        if window and window.latency_ms is not None:
+            latency = window.latency_ms
+        elif traffic and traffic.latency_ms is not None:
+            latency = traffic.latency_ms
+        else:
+            latency = d.last_latency_ms
+        probe_status = traffic.status() if traffic else d.health_status
+        status = health.status(d.pk, probe_status) if active else "disabled"
         breaker_state = breaker.state_of(d.pk)
+        if window:
+            error_rate, calls, last_error = window.error_rate, len(window.calls), window.last_error or d.last_error
+        elif traffic:
+            error_rate, calls, last_error = traffic.error_rate, traffic.calls, traffic.last_error or d.last_error
+        else:
+            error_rate, calls, last_error = 0.0, 0, d.last_error
         rows.append(DeploymentHealth(
             deployment_id=d.pk, model=d.model.name, provider=d.provider.name, upstream_model=d.upstream_model,
             enabled=active, status=status, breaker_state=breaker_state,
             healthy=active and status != health.UNHEALTHY and breaker_state != breaker.OPEN,
-            response_time_ms=latency,
-            error_rate=round(window.error_rate, 4) if window else 0.0,
-            recent_calls=len(window.calls) if window else 0,
-            last_error=(window.last_error if window and window.last_error else d.last_error),
-            last_check=last_check, probe_status=d.health_status,
+            response_time_ms=latency, error_rate=round(error_rate, 4), recent_calls=calls,
+            last_error=last_error, last_check=last_check, probe_status=d.health_status,
         ))
     return rows
 

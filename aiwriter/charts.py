@@ -13,6 +13,8 @@ from typing import Union
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from aiwriter.money import money_str
+
 Number = Union[int, float, Decimal]  # noqa: UP007 - readable alias
 Formatter = Callable[[Number], str]
 
@@ -38,7 +40,13 @@ def compact(value: Number) -> str:
         return f"{v:.0f}"
     if abs(v) >= 0.01:
         return f"{v:.2f}".rstrip("0").rstrip(".")
-    return f"{v:.2g}"
+    # Two significant digits in fixed notation: money never shows as 3e-05.
+    return f"{v:.{-math.floor(math.log10(abs(v))) + 1}f}".rstrip("0").rstrip(".")
+
+
+def money(value: Number) -> str:
+    """The one money format (aiwriter.money) for a chart's numbers."""
+    return money_str(Decimal(str(value)))
 
 
 def percent(value: Number) -> str:
@@ -59,6 +67,19 @@ def nice_ticks(max_value: float, count: int = 4) -> list[float]:
     if ticks[-1] < max_value:
         ticks.append(round(value, 12))
     return ticks
+
+
+def tick_labels(ticks: Sequence[float], fmt: Formatter) -> list[str]:
+    """The formatter's labels, or, when it would print two ticks alike (0.0125 and 0.015 both "0.01"), fixed
+    decimals just fine enough to tell every tick apart."""
+    labels = [fmt(t) for t in ticks]
+    if len(set(labels)) == len(labels):
+        return labels
+    for places in range(1, 12):
+        labels = [f"{t:,.{places}f}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def _svg(width: int, height: int, title: str, body: list[str], css_class: str) -> SafeString:
@@ -92,9 +113,10 @@ def line_chart(labels: Sequence[str], series: dict[str, Sequence[Number]], *, ti
     body = [f'<g class="axis" stroke="#cbd5e1">'
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>'
             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/></g>']
-    for t in ticks:
+    for t, label in zip(ticks, tick_labels(ticks, fmt), strict=True):
         body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#eef2f7"/>'
-                    f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end" fill="#475569">{escape(fmt(t))}</text>')
+                    f'<text class="tick" x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end" fill="#475569">'
+                    f"{escape(label)}</text>")
     step = max(1, math.ceil(n / 8))  # at most ~8 x labels so they never overlap
     for i, label in enumerate(labels):
         if i % step == 0 or i == n - 1:
@@ -116,6 +138,13 @@ def line_chart(labels: Sequence[str], series: dict[str, Sequence[Number]], *, ti
         lx = left + 8 + index * 130
         body.append(f'<rect x="{lx}" y="{height - 14}" width="10" height="10" fill="{color}"/>'
                     f'<text x="{lx + 14}" y="{height - 5}" fill="#334155">{escape(name)}</text>')
+    # Hover targets: one transparent column per x label whose <title> (a native tooltip, no script, CSP-safe)
+    # gives every series' value there; easier to hit than the small dots.
+    col_w = plot_w / n if n else 0
+    for i, label in enumerate(labels):
+        column = "; ".join(f"{name} {tip(vals[i])}" for name, vals in series.items() if i < len(vals))
+        body.append(f'<rect class="hover" x="{left + col_w * i:.1f}" y="{top}" width="{col_w:.1f}" '
+                    f'height="{plot_h}" fill="transparent"><title>{escape(label)}: {escape(column)}</title></rect>')
     return _svg(width, height, title, body, "line-chart")
 
 

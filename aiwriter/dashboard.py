@@ -3,6 +3,7 @@ cache hit rate, deployment health. Charts are SVG drawn here, server-side (aiwri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -10,7 +11,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import get_user_model
-from django.db.models import Count, Q, Sum
+from django.db.models import Avg, Count, Q, Sum
 from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -18,7 +19,8 @@ from django.utils import timezone
 
 from agents.selectors import deployment_health
 from aiwriter import charts
-from usage.models import UsageRecord
+from aiwriter.money import money_str
+from usage.models import ApiKey, UsageRecord
 
 RANGES = {"1": ("Last 24 hours", timedelta(hours=24)), "7": ("Last 7 days", timedelta(days=7)),
           "30": ("Last 30 days", timedelta(days=30)), "90": ("Last 90 days", timedelta(days=90))}
@@ -82,6 +84,62 @@ def top_by_cost(start: datetime, field: str, limit: int = TOP_N) -> list[tuple[s
     return [(r[field] or "—", r["total"]) for r in rows]
 
 
+PERCENTILES = (50, 95, 99)
+
+
+def latency_percentiles(start: datetime, end: datetime) -> dict[str, int | None]:
+    """p50/p95/p99 of call latency (nearest rank) over the range; upstream calls only (no cache hits, no debug).
+    Three indexed OFFSET reads rather than loading every latency (portable: SQLite has no percentile function)."""
+    latencies = (UsageRecord.objects.filter(created_at__gte=start, created_at__lte=end, debug=False, cached=False,
+                                            latency_ms__isnull=False)
+                 .order_by("latency_ms").values_list("latency_ms", flat=True))
+    count = latencies.count()
+    result: dict[str, int | None] = {}
+    for p in PERCENTILES:
+        result[f"p{p}"] = latencies[max(0, math.ceil(count * p / 100) - 1)] if count else None
+    return result
+
+
+@dataclass
+class Breakdown:
+    name: str
+    requests: int
+    errors: int
+    tokens: int
+    cost: Decimal
+    avg_latency_ms: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def cost_display(self) -> str:
+        return money_str(self.cost)
+
+
+def breakdown(start: datetime, end: datetime, field: str, limit: int = 20) -> list[Breakdown]:
+    """Per model or per API key over the range, by cost then requests (top `limit`)."""
+    rows = (UsageRecord.objects.filter(created_at__gte=start, created_at__lte=end, debug=False).values(field)
+            .annotate(requests=Count("id"), errors=Count("id", filter=Q(status=UsageRecord.Status.ERROR)),
+                      tokens=Coalesce(Sum("total_tokens"), 0), cost=Coalesce(Sum("cost"), Decimal("0")),
+                      latency=Avg("latency_ms", filter=Q(cached=False)))
+            .order_by("-cost", "-requests")[:limit])
+    names: dict = {}
+    if field == "api_key":
+        names = {k.pk: f"{k.name} ({k.prefix}…)" for k in
+                 ApiKey.objects.filter(pk__in=[r["api_key"] for r in rows if r["api_key"]])}
+    result = []
+    for r in rows:
+        if field == "api_key":
+            name = names.get(r["api_key"], f"#{r['api_key']}") if r["api_key"] else "(no key: chat page)"
+        else:
+            name = r[field] or "—"
+        result.append(Breakdown(name=name, requests=r["requests"], errors=r["errors"], tokens=r["tokens"],
+                                cost=r["cost"], avg_latency_ms=r["latency"]))
+    return result
+
+
 def dashboard_view(request: HttpRequest) -> HttpResponse:
     range_key = request.GET.get("range", "7")
     if range_key not in RANGES:
@@ -108,6 +166,10 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
         "range_label": range_label,
         "totals": totals,
         "cache_hit_rate": totals.cache_hits / totals.requests if totals.requests else 0.0,
+        "total_cost": money_str(totals.cost),
+        "latency": latency_percentiles(start, end),
+        "breakdowns": [("By model", breakdown(start, end, "model"), "by-model"),
+                       ("By API key", breakdown(start, end, "api_key"), "by-key")],
         "currency": currency,
         "time_zone": settings.TIME_ZONE,
         "charts": {
@@ -123,10 +185,12 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
                                                                         for b in buckets]},
                                             title="Error rate and cache hit rate", y_label="share of calls",
                                             fmt=charts.percent, tip=charts.percent),
-            "top_users": charts.bar_chart(top_by_cost(start, "user"), title=f"Top users by cost ({currency})"),
-            "top_models": charts.bar_chart(top_by_cost(start, "model"), title=f"Top models by cost ({currency})"),
+            "top_users": charts.bar_chart(top_by_cost(start, "user"), title=f"Top users by cost ({currency})",
+                                          fmt=charts.money),
+            "top_models": charts.bar_chart(top_by_cost(start, "model"), title=f"Top models by cost ({currency})",
+                                           fmt=charts.money),
         },
-        "deployments": deployment_health(),  # live breaker state is this process's view
+        "deployments": deployment_health(),  # from the shared store after a restart; breakers are this process's
     }
     return TemplateResponse(request, "admin/dashboard.html", context)
 

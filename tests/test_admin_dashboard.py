@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from decimal import Decimal
 
@@ -10,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from aiwriter import charts
-from tests.factories import make_agent, make_user
+from tests.factories import make_agent, make_api_key, make_user
 from usage.models import UsageRecord
 
 pytestmark = pytest.mark.django_db
@@ -39,7 +40,7 @@ def test_dashboard_renders_its_charts(operator_client):
     assert 'id="total-requests">3<' in body
     assert 'id="cache-hit-rate">33%<' in body
     assert ">alice<" in body and ">bob<" in body  # top users, labelled
-    assert ">2.2500 CNY<" in body  # the 99 of the debug run is not in the cost
+    assert ">2.25 CNY<" in body  # the 99 of the debug run is not in the cost
     assert 'id="deployment-health"' in body and "closed" in body
 
 
@@ -91,3 +92,38 @@ def test_each_deployment_shows_its_health_and_breaker_state(operator_client):
     assert '<span class="state state-open">open</span>' in by_model[tripped.model.name]
     assert "upstream said 500 &lt;b&gt;" in by_model[tripped.model.name]
     assert '<span class="state state-closed">closed</span>' in by_model[fine.model.name]
+
+
+def test_cost_axis_ticks_are_distinct_rounded_values():
+    # 0.0125 and 0.015 both printed "0.01" before: each tick now says its own value.
+    chart = charts.line_chart(["a", "b"], {"cost": [Decimal("0.012"), Decimal("0.004")]}, title="Cost")
+    ticks = re.findall(r'<text class="tick"[^>]*>([^<]*)</text>', chart)
+    assert ticks == ["0.000", "0.005", "0.010", "0.015"]
+    tiny = charts.line_chart(["a"], {"cost": [Decimal("0.00003")]}, title="Cost")
+    assert "e-05" not in tiny and ">0.00003</text>" in tiny
+
+
+def test_charts_show_values_on_hover_without_script():
+    chart = charts.line_chart(["05-01", "05-02"], {"requests": [3, 4], "errors": [0, 1]}, title="Requests")
+    assert '<rect class="hover"' in chart
+    assert "<title>05-02: requests 4; errors 1</title>" in chart
+    assert "<script" not in chart and "onmouse" not in chart
+
+
+def test_dashboard_shows_latency_percentiles_and_breakdowns(operator_client):
+    alice = make_user("alice")
+    key, _ = make_api_key(alice, name="laptop")
+    for ms in range(1, 101):  # 1..100 ms
+        _record(alice, model="m1" if ms % 2 else "m2", latency_ms=ms, api_key=key if ms <= 10 else None,
+                cost=Decimal("0.0005725"))
+    _record(alice, cached=True, latency_ms=100000)  # a cache hit never went upstream
+    body = operator_client.get(reverse("admin-dashboard")).content.decode()
+    assert '<span id="latency-p50">50</span>' in body
+    assert '<span id="latency-p95">95</span>' in body and '<span id="latency-p99">99</span>' in body
+    by_model = body.split('id="by-model"')[1].split("</table>")[0]
+    assert "<td>m1</td>" in by_model and "<td>m2</td>" in by_model
+    assert '<td class="num">0.028625</td>' in by_model  # 50 × 0.0005725, the one money format
+    by_key = body.split('id="by-key"')[1].split("</table>")[0]
+    assert f"laptop ({key.prefix}…)" in by_key and "(no key: chat page)" in by_key
+    assert '<td class="num">10</td>' in by_key
+    assert 'id="total-cost">' in body and "0000000" not in body.split('id="total-cost">')[1][:40]

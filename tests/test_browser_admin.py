@@ -99,3 +99,43 @@ def test_dashboard_renders_its_charts(admin_page, web_server, operator, agent):
     page.click("text=Last 24 hours")
     page.wait_for_url("**/admin/dashboard/?range=1")
     assert page.locator("svg.chart").count() == 6
+
+
+def _page_width(page) -> int:
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+def test_wide_admin_tables_fit_1280px(admin_page, web_server, operator, agent):
+    long = "x" * 180
+    for i in range(3):
+        UsageRecord.objects.create(user=operator, provider=f"provider-with-a-long-name-{i}", model="admin-model",
+                                   upstream_model=long, project="a-rather-long-project-name", total_tokens=120,
+                                   cost=Decimal("0.0005725"), entry_point="chat", latency_ms=321)
+    deployment = agent.model.deployments.get()
+    deployment.last_error = "upstream_error: " + long
+    deployment.save()
+    page = admin_page
+    for url in ("/admin/usage/usagerecord/", "/admin/agents/agent/", "/admin/agents/provider/",
+                f"/admin/agents/llmmodel/{agent.model.pk}/change/"):
+        page.goto(f"{web_server}{url}")
+        page.wait_for_selector("#content")
+        assert _page_width(page) <= 1280, url
+    assert page.console_messages == []
+
+
+def test_dashboard_charts_show_values_on_hover(admin_page, web_server, operator, agent):
+    UsageRecord.objects.create(user=operator, provider="p", model="admin-model", total_tokens=120,
+                               cost=Decimal("0.3"), entry_point="chat", latency_ms=250)
+    page = admin_page
+    page.goto(f"{web_server}/admin/dashboard/")
+    chart = page.locator("svg.line-chart").first
+    column = chart.locator("rect.hover").last
+    column.hover()
+    box = column.bounding_box()
+    # The element under the pointer carries the tooltip (a native SVG <title>: no script, CSP-safe).
+    tip = page.evaluate("([x, y]) => document.elementFromPoint(x, y).querySelector('title')?.textContent",
+                        [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+    assert tip and "requests 1" in tip and "errors 0" in tip
+    assert page.inner_text("#latency-p50") == "250"
+    assert _page_width(page) <= 1280
+    assert page.console_messages == []

@@ -21,6 +21,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from aiwriter.admin_display import MoneyFieldsMixin, key_value_table, messages_list, money, money_column
 from aiwriter.errors import ApiError
 from aiwriter.money import money_str
 from usage import csv_export, periods
@@ -43,8 +44,8 @@ MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)
 BILLING_SYNC_COMMANDS = ("sync_usage", "sync_billing")
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Records written by the system: operators look, they don't edit."""
+class ReadOnlyAdmin(MoneyFieldsMixin, admin.ModelAdmin):
+    """Records written by the system: operators look, they don't edit (a view-only page: no Save buttons)."""
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -61,8 +62,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "prefix_display", "user", "project", "month_spend", "monthly_budget", "created_at",
-                    "last_used_at", "state"]
+    list_display = ["name", "prefix_display", "user", "project", "month_spend", "monthly_budget_display",
+                    "created_at", "last_used_at", "state"]
     list_filter = [("revoked_at", admin.EmptyFieldListFilter), "created_at"]
     list_select_related = ["user"]
     search_fields = ["name", "prefix", "user__username", "project"]
@@ -90,7 +91,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description="spend this month", ordering="_month_spend")
     def month_spend(self, obj: ApiKey) -> str:
-        return f"{getattr(obj, '_month_spend', Decimal('0')).quantize(Decimal('0.0001'))} {settings.CURRENCY}"
+        return f"{money(getattr(obj, '_month_spend', Decimal('0')))} {settings.CURRENCY}"
+
+    monthly_budget_display = money_column("monthly_budget", "monthly budget")
 
     @admin.display(description="state")
     def state(self, obj: ApiKey) -> str:
@@ -116,11 +119,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
 class ModelPriceAdmin(ReadOnlyAdmin):
     """History view; prices are changed on the model's page (a change adds a row)."""
 
-    list_display = ["model", "input_per_million", "cached_input_per_million", "output_per_million", "effective_from",
-                    "created_at"]
+    list_display = ["model", "input_per_million_display", "cached_input_per_million_display",
+                    "output_per_million_display", "effective_from", "created_at"]
     list_filter = ["model"]
     list_select_related = ["model"]
     date_hierarchy = "effective_from"
+    money_fields = ("input_per_million", "cached_input_per_million", "output_per_million")
+    input_per_million_display = money_column("input_per_million", "input per M")
+    cached_input_per_million_display = money_column("cached_input_per_million", "cached input per M")
+    output_per_million_display = money_column("output_per_million", "output per M")
 
 
 # --- Balances -------------------------------------------------------------------
@@ -145,12 +152,21 @@ class TopUpForm(forms.Form):
 
 @admin.register(CreditAccount)
 class CreditAccountAdmin(admin.ModelAdmin):
-    list_display = ["user", "balance", "reserved", "available", "updated_at", "topup_link"]
+    list_display = ["user", "balance_display", "reserved_display", "available", "updated_at", "topup_link"]
     list_select_related = ["user"]
     search_fields = ["user__username", "user__email"]
-    fields = ["user", "balance", "reserved", "updated_at", "ledger"]
+    fields = ["user", "balance_display", "reserved_display", "available", "updated_at", "ledger"]
     readonly_fields = fields
     actions = ["top_up"]
+    balance_display = money_column("balance", "balance")
+    reserved_display = money_column("reserved", "reserved")
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict | None = None) -> HttpResponse:
+        # Every field is read-only (balances move through top-ups and the ledger): no Save buttons.
+        extra = {"show_save": False, "show_save_and_continue": False, "show_save_and_add_another": False,
+                 "show_delete": False}
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # accounts open with the first grant; use "Top up a user"
@@ -159,8 +175,8 @@ class CreditAccountAdmin(admin.ModelAdmin):
         return False
 
     @admin.display(description="available")
-    def available(self, obj: CreditAccount) -> Decimal:
-        return obj.balance - obj.reserved
+    def available(self, obj: CreditAccount) -> str:
+        return money(obj.balance - obj.reserved)
 
     @admin.display(description="")
     def topup_link(self, obj: CreditAccount) -> str:
@@ -172,7 +188,7 @@ class CreditAccountAdmin(admin.ModelAdmin):
         entries = obj.entries.select_related("created_by").order_by("-created_at", "-id")[:50]
         rows = format_html_join(
             "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            ((e.created_at.strftime("%Y-%m-%d %H:%M:%S"), e.kind, e.amount, e.balance_after, e.reason,
+            ((e.created_at.strftime("%Y-%m-%d %H:%M:%S"), e.kind, money(e.amount), money(e.balance_after), e.reason,
               e.created_by or "") for e in entries),
         )
         return format_html(
@@ -213,8 +229,11 @@ class CreditAccountAdmin(admin.ModelAdmin):
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "user", "kind", "amount", "balance_after", "reason", "created_by"]
+    list_display = ["created_at", "user", "kind", "amount_display", "balance_after_display", "reason", "created_by"]
     list_filter = ["kind", "created_at"]
+    money_fields = ("amount", "balance_after")
+    amount_display = money_column("amount", "amount")
+    balance_after_display = money_column("balance_after", "balance after")
     list_select_related = ["account__user", "created_by"]
     search_fields = ["account__user__username", "reason"]
     date_hierarchy = "created_at"
@@ -230,7 +249,8 @@ class LedgerEntryAdmin(ReadOnlyAdmin):
 
 @admin.register(Quota)
 class QuotaAdmin(admin.ModelAdmin):
-    list_display = ["user", "project_display", "monthly_token_limit", "monthly_cost_limit"]
+    list_display = ["user", "project_display", "monthly_token_limit", "monthly_cost_limit_display"]
+    monthly_cost_limit_display = money_column("monthly_cost_limit", "monthly cost limit")
     list_select_related = ["user"]
     search_fields = ["user__username", "project"]
     autocomplete_fields = ["user"]
@@ -279,8 +299,10 @@ def usage_csv_rows(queryset: QuerySet) -> Iterator[list[Any]]:
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "user", "project", "model", "provider", "entry_point", "status", "total_tokens",
-                    "cost", "cached", "fallback", "latency_ms"]
+    # Fits 1280 px: provider, entry point and the flags are filters and on the detail page.
+    list_display = ["created_at", "user", "project", "model", "status", "total_tokens", "cost_display", "latency_ms"]
+    money_fields = ("cost",)
+    cost_display = money_column("cost", "cost")
     list_filter = [
         ("user", admin.RelatedOnlyFieldListFilter), "project", "model", "provider", "status", "entry_point",
         "created_at", "cached", "debug",
@@ -306,12 +328,47 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
 @admin.register(AdminDebugLog)
 class AdminDebugLogAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "action", "agent", "staff_user", "provider", "model", "prompt_tokens",
-                    "completion_tokens", "cost", "latency_ms"]
+    list_display = ["created_at", "action", "agent", "staff_user", "model", "prompt_tokens", "completion_tokens",
+                    "cost_display", "latency_ms"]
     list_filter = ["action", "agent", "model"]
     list_select_related = ["agent", "staff_user"]
     search_fields = ["agent__slug", "model", "provider"]
     date_hierarchy = "created_at"
+    # Readable, not one JSON blob: the reply as text, the input messages, then the rest of the result.
+    fields = ["created_at", "action", "agent", "staff_user", "provider", "model", "prompt_tokens", "completion_tokens",
+              "cost_display", "latency_ms", "reply", "error_display", "input_display", "result_display"]
+    readonly_fields = fields
+    money_fields = ("cost",)
+    cost_display = money_column("cost", "cost")
+
+    @admin.display(description="reply")
+    def reply(self, obj: AdminDebugLog) -> str:
+        content = (obj.result or {}).get("content") if isinstance(obj.result, dict) else None
+        if not content:
+            return "—"
+        return format_html('<div class="aiw-reply">{}</div>', content)
+
+    @admin.display(description="error")
+    def error_display(self, obj: AdminDebugLog) -> str:
+        error = (obj.result or {}).get("error") if isinstance(obj.result, dict) else None
+        if not isinstance(error, dict):
+            return "—"
+        return format_html('<span class="aiw-error">{}: {}</span>', error.get("code", ""), error.get("message", ""))
+
+    @admin.display(description="input")
+    def input_display(self, obj: AdminDebugLog) -> str:
+        data = obj.input if isinstance(obj.input, dict) else {"input": obj.input}
+        if set(data) == {"messages"}:
+            return messages_list(data["messages"])
+        return key_value_table(data)
+
+    @admin.display(description="result")
+    def result_display(self, obj: AdminDebugLog) -> str:
+        result = obj.result if isinstance(obj.result, dict) else {"result": obj.result}
+        if isinstance(result.get("messages"), list):  # a prompt preview: the filled prompt, as messages
+            return format_html("{}{}", messages_list(result["messages"]),
+                               key_value_table(result, skip=("messages",)))
+        return key_value_table(result, skip=("content", "error"))
 
 
 def billing_sync_command() -> str | None:
