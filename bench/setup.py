@@ -207,8 +207,8 @@ def seed(ctx: Context) -> None:
     from django.utils import timezone
 
     from agents.models import Agent, Deployment, LLMModel, Provider
+    from usage.billing.keys import create_api_key
     from usage.models import ModelPrice
-    from usage.services import create_api_key
 
     provider = Provider.objects.create(name="bench-upstream", kind=Provider.Kind.OPENAI, base_url=ctx.upstream_url,
                                        api_key="sk-bench", timeout=30, max_retries=0)
@@ -227,11 +227,6 @@ def seed(ctx: Context) -> None:
 
 
 def _credit(user: Any, amount: Decimal) -> None:
-    from usage import services
+    from usage.billing.ledger import grant_credits
 
-    if hasattr(services, "grant_credits"):
-        services.grant_credits(user=user, amount=amount, reason="bench", created_by=None)
-        return
-    from usage.models import CreditAccount
-
-    CreditAccount.objects.update_or_create(user=user, defaults={"balance": amount})
+    grant_credits(user=user, amount=amount, reason="bench", created_by=None)

@@ -29,8 +29,8 @@ from aiwriter.errors import ApiError
 from conversations import locks, moderation, selectors, sequence
 from conversations.models import Conversation, GenerationLease, Message
 from usage import keylimits
+from usage.billing.reconcile import settle_abandoned_calls
 from usage.models import ApiKey
-from usage.services import settle_abandoned_calls
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 
 from conversations.services import sweep_stuck_messages
-from usage.services import reconcile_reservations
+from usage.billing.reconcile import reconcile_reservations
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from agents.models import Agent, Deployment, LLMModel, Provider
+from usage.billing.keys import create_api_key
 from usage.models import ModelPrice
-from usage.services import create_api_key
 
 _seq = itertools.count(1)
 

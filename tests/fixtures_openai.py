@@ -32,12 +32,10 @@ class Account:
 
 
 def fund(user: Any, amount: str = "100") -> None:
-    """Gives the user credit through the usage app's service (a no-op until it exists)."""
-    from usage import services
+    """Gives the user credit through the usage app's service."""
+    from usage.billing.ledger import grant_credits
 
-    grant = getattr(services, "grant_credits", None)
-    if grant is not None:
-        grant(user=user, amount=Decimal(amount), reason="test credit", created_by=None)
+    grant_credits(user=user, amount=Decimal(amount), reason="test credit", created_by=None)
 
 
 def make_account(username: str | None = None, *, credit: str | None = "100", **key_fields: Any) -> Account:

@@ -46,7 +46,7 @@ def _ledger_sums_to_balance(request):
 def funded_user():
     """A user and a function topping their balance up: `user, topup = funded_user; topup("10")`."""
     from tests.factories import make_user
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     user = make_user()
 
@@ -64,8 +64,11 @@ def simulate_call(user, *, model: str = "", prompt: int = 0, completion: int = 0
     For tests of money, quotas and stats that need exact token counts; the upstream path is tested separately.
     """
     from agents.llm.types import ChatRequest
+    from usage.billing.calls import CallOutcome, call_meta
+    from usage.billing.counters import deliver_alerts
+    from usage.billing.holds import begin_call
+    from usage.billing.recording import record_call
     from usage.metering import CallContext
-    from usage.services import CallOutcome, begin_call, call_meta, deliver_alerts, record_call
 
     ctx = CallContext(user=user, entry_point="chat", project=project, api_key=api_key, debug=debug, now=now)
     request = ChatRequest(model=model, messages=messages or [], max_tokens=max_tokens or completion or 1)

@@ -1,4 +1,4 @@
-"""Balances in the admin: the ledger on each account, a top-up through usage.services, quotas and alerts."""
+"""Balances in the admin: the ledger on each account, a top-up through usage.billing, quotas and alerts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ TOPUP = "/admin/usage/creditaccount/topup/"
 
 
 def _grant(user, amount: str) -> None:
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     grant_credits(user=user, amount=Decimal(amount), reason="seed", created_by=None)
 
@@ -80,7 +80,7 @@ def test_list_links_to_topup_and_the_action_redirects_there(operator_client):
 
 def test_reason_and_names_are_escaped_in_the_ledger(operator_client):
     alice = make_user("alice")
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     grant_credits(user=alice, amount=Decimal("1"), reason="<script>alert(1)</script>", created_by=None)
     account = CreditAccount.objects.get(user=alice)

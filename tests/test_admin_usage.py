@@ -13,7 +13,8 @@ from django.utils import timezone
 
 from agents.llm.types import ChatRequest
 from tests.factories import make_api_key, make_model, make_user
-from usage import periods, services
+from usage import periods
+from usage.billing import calls, holds, ledger, recording
 from usage.metering import CallContext
 from usage.models import ApiKey, ApiKeyCounter, UsageRecord
 
@@ -88,15 +89,15 @@ def _metered(key, model, *, debug: bool = False, **outcome) -> UsageRecord:
     """A call recorded as metering records it: hold, record, charge, the key's budget counter."""
     ctx = CallContext(user=key.user, entry_point="openai", api_key=key, debug=debug)
     request = ChatRequest(model=model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=1000)
-    plan = services.begin_call(ctx=ctx, request=request)
-    record, _ = services.record_call(meta=services.call_meta(ctx), plan=plan,
-                                     outcome=services.CallOutcome(model=model.name, **outcome))
+    plan = holds.begin_call(ctx=ctx, request=request)
+    record, _ = recording.record_call(meta=calls.call_meta(ctx), plan=plan,
+                                     outcome=calls.CallOutcome(model=model.name, **outcome))
     return record
 
 
 def test_api_keys_show_this_months_spend_and_no_hash(operator_client):
     alice = make_user("alice")
-    services.grant_credits(user=alice, amount=Decimal("100"), reason="t", created_by=None)
+    ledger.grant_credits(user=alice, amount=Decimal("100"), reason="t", created_by=None)
     key, raw = make_api_key(alice, name="laptop")
     model = make_model("admin-priced", input_price="1000", output_price="1000")  # 0.001 per token
     _metered(key, model, status="success", prompt_tokens=1000, completion_tokens=750)  # charged 1.75

@@ -216,8 +216,8 @@ def test_metrics_range_and_total_cost_from_usage(staff, fake_upstream):
     from asgiref.sync import async_to_sync
 
     from agents.llm.types import ChatRequest
+    from usage.billing.ledger import grant_credits
     from usage.metering import CallContext, metered_complete
-    from usage.services import grant_credits
 
     user = make_user()
     grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)

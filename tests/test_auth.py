@@ -5,8 +5,8 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from tests.factories import make_api_key, make_user
+from usage.billing.keys import revoke_api_key
 from usage.models import ApiKey
-from usage.services import revoke_api_key
 
 pytestmark = pytest.mark.django_db
 

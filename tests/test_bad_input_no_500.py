@@ -15,8 +15,8 @@ from django.test import Client
 
 from tests.factories import make_api_key, make_user
 from tests.test_chat_ws import _connect, _message
+from usage.billing.ledger import grant_credits
 from usage.models import CreditAccount, LedgerEntry
-from usage.services import grant_credits
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True)]
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from aiwriter.money import Price, call_cost, money_str, to_cents
 from tests.factories import make_model, make_user
 from tests.fixtures_usage import simulate_call
+from usage.billing.ledger import grant_credits
 from usage.models import ModelPrice
-from usage.services import grant_credits
 
 GPT = Price(input=Decimal("2.5"), output=Decimal("10"), cached_input=Decimal("1.25"))
 

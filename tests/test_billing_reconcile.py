@@ -13,11 +13,12 @@ from django.utils import timezone
 from agents.llm import tokens
 from agents.llm.types import ChatRequest
 from tests.factories import make_fake_model, make_user
+from usage.billing.ledger import grant_credits
+from usage.billing.reconcile import reconcile_reservations
 from usage.metering import CallContext, metered_complete
 from usage.models import CreditAccount, LedgerEntry, Reservation, UsageRecord
 from usage.periods import local_day
 from usage.selectors import UsageFilter, quota_status, usage_stats
-from usage.services import grant_credits, reconcile_reservations
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
               pytest.mark.usefixtures("close_thread_connections")]
@@ -148,8 +149,9 @@ def test_the_sweeper_charges_a_dead_replys_saved_outcome_not_an_estimate(alice, 
     from conversations import services as conversation_services
     from conversations.models import Conversation, Message
     from tests.factories import make_agent
-    from usage.services import CallOutcome, CallPlan, call_meta, save_pending_result
-    from usage.services import begin_call as hold
+    from usage.billing.calls import CallOutcome, CallPlan, call_meta
+    from usage.billing.holds import begin_call as hold
+    from usage.billing.reconcile import save_pending_result
 
     chat_agent = make_agent("priced", model=make_fake_model(fake_upstream, "priced-gpt", input_price="1",
                                                             output_price="2"))

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.pg, pytest.mark.timeout(60)]
 
 @pytest.fixture
 def alice(db):
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     user = make_user("alice")
     grant_credits(user=user, amount=Decimal("42.5"), reason="test", created_by=None)

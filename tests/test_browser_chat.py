@@ -63,7 +63,7 @@ def agent(upstream_model):
 
 @pytest.fixture
 def alice(db):
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     user = make_user("alice")
     grant_credits(user=user, amount=Decimal("100"), reason="test", created_by=None)
@@ -179,7 +179,7 @@ def test_failed_reply_shows_its_status_and_retry_works(chat_page, fake_upstream)
 
 
 def test_low_balance_is_told_in_plain_words_and_retry_works_after_a_top_up(browser_page, web_server, agent):
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     poor = make_user("poor")  # no credit at all
     page = browser_page

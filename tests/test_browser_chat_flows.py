@@ -38,7 +38,7 @@ def agent(upstream_model):
 
 @pytest.fixture
 def alice(db):
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     user = make_user("alice")
     grant_credits(user=user, amount=Decimal("100"), reason="test", created_by=None)

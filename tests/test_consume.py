@@ -8,8 +8,8 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from tests.factories import make_api_key, make_model, make_user
+from usage.billing.ledger import grant_credits
 from usage.models import CreditAccount, IdempotencyKey, UsageCounter, UsageRecord
-from usage.services import grant_credits
 
 
 def _body(**kw):

@@ -111,8 +111,8 @@ def test_a_double_submitted_client_id_is_answered_and_charged_once(alice, fake_u
     from decimal import Decimal
 
     from tests.factories import make_agent, make_fake_model
+    from usage.billing.ledger import grant_credits
     from usage.models import LedgerEntry, UsageRecord
-    from usage.services import grant_credits
 
     grant_credits(user=alice, amount=Decimal("5"), reason="test top-up", created_by=None)
     agent = make_agent("paid", model=make_fake_model(fake_upstream, "paid-model", input_price="1", output_price="2"))

@@ -7,8 +7,8 @@ from asgiref.sync import sync_to_async
 
 from tests.factories import make_agent, make_fake_model, make_model, make_user
 from usage import debug
+from usage.billing.ledger import grant_credits
 from usage.models import AdminDebugLog, CreditAccount, LedgerEntry, UsageCounter, UsageRecord
-from usage.services import grant_credits
 
 
 @pytest.mark.django_db

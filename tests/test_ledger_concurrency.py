@@ -11,10 +11,10 @@ from django.db import connection
 from agents.llm.types import ChatRequest
 from tests.factories import make_fake_model, make_model, make_user
 from tests.fixtures_usage import ledger_mismatches, simulate_call
+from usage.billing.ledger import grant_credits
 from usage.errors import InsufficientBalance
 from usage.metering import CallContext, metered_complete
 from usage.models import CreditAccount, LedgerEntry, Reservation, UsageRecord
-from usage.services import grant_credits
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
               pytest.mark.usefixtures("close_thread_connections")]

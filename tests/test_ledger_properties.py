@@ -35,19 +35,15 @@ from agents.llm.types import ChatRequest
 from aiwriter.money import call_cost, quantize
 from tests.factories import make_model, make_user
 from usage import periods
+from usage.billing.calls import CallOutcome, call_meta
+from usage.billing.consumption import record_consumption
+from usage.billing.holds import begin_call, worst_case_cost
+from usage.billing.ledger import grant_credits
+from usage.billing.reconcile import reconcile_reservations
+from usage.billing.recording import record_call
 from usage.errors import InsufficientBalance, QuotaExceeded
 from usage.metering import CallContext
 from usage.models import CreditAccount, LedgerEntry, Quota, Reservation, UsageCounter, UsageRecord
-from usage.services import (
-    CallOutcome,
-    begin_call,
-    call_meta,
-    grant_credits,
-    reconcile_reservations,
-    record_call,
-    record_consumption,
-    worst_case_cost,
-)
 
 pytestmark = pytest.mark.django_db
 

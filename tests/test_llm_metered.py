@@ -9,9 +9,9 @@ from asgiref.sync import sync_to_async
 from agents.llm.agent_request import build_agent_request
 from agents.llm.types import ChatRequest, UpstreamTimeout
 from tests.factories import make_agent, make_fake_model, make_user
+from usage.billing.ledger import grant_credits
 from usage.metering import CallContext, metered_complete
 from usage.models import CreditAccount, UsageRecord
-from usage.services import grant_credits
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_thread_connections")]
 

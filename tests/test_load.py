@@ -26,8 +26,8 @@ from agents.models import Provider
 from conversations.models import Message
 from tests.factories import make_agent, make_api_key, make_model, make_user
 from tests.fixtures_faults import unsettled
+from usage.billing.ledger import grant_credits
 from usage.models import ApiKey, CreditAccount, UsageRecord
-from usage.services import grant_credits
 
 pytestmark = [pytest.mark.slow, pytest.mark.pg, pytest.mark.redis, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(300)]

@@ -47,8 +47,8 @@ def test_repeated_client_id_returns_first_reply_without_a_second_call(alice_clie
 def test_a_repeated_client_id_is_charged_once(alice, alice_client, fake_upstream):
     from decimal import Decimal
 
+    from usage.billing.ledger import grant_credits
     from usage.models import CreditAccount, LedgerEntry, UsageRecord
-    from usage.services import grant_credits
 
     grant_credits(user=alice, amount=Decimal("5"), reason="test top-up", created_by=None)
     agent = make_agent("paid", model=make_fake_model(fake_upstream, "paid-model", input_price="1",

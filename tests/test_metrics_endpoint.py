@@ -129,7 +129,7 @@ async def test_metrics_after_a_metered_call(async_client, fake_upstream, setting
 def _give_credit(user) -> None:
     from decimal import Decimal
 
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     grant_credits(user=user, amount=Decimal("100"), reason="test top-up", created_by=None)
 

@@ -24,7 +24,7 @@ def test_money_str_is_plain_and_trimmed(stored, shown):
 
 
 def test_a_message_and_its_done_frame_show_cost_in_the_one_format(alice_client, alice, fake_upstream):
-    from usage.services import grant_credits
+    from usage.billing.ledger import grant_credits
 
     grant_credits(user=alice, amount=Decimal("5"), reason="test", created_by=None)
     agent = make_agent("priced", model=make_fake_model(fake_upstream, "priced-model", input_price="1.5",

@@ -13,10 +13,10 @@ from django.core import mail
 from tests.factories import make_api_key, make_model, make_user
 from tests.fixtures_usage import simulate_call
 from usage import periods
+from usage.billing.ledger import grant_credits
 from usage.errors import KeyBudgetExceeded, QuotaExceeded
 from usage.models import ApiKey, Quota, QuotaAlert, UsageCounter
 from usage.selectors import quota_status
-from usage.services import grant_credits
 
 pytestmark = pytest.mark.django_db
 

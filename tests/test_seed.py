@@ -63,7 +63,7 @@ def test_printed_key_is_an_ordinary_users_and_the_operator_login_is_named(seed):
 
 
 def test_an_older_seeds_superuser_key_is_replaced_and_revoked(seed, tmp_path):
-    from usage.services import create_api_key
+    from usage.billing.keys import create_api_key
 
     admin = get_user_model().objects.create_superuser("admin", "", "pw")
     old, raw = create_api_key(user=admin, name="demo")

@@ -11,9 +11,9 @@ from django.utils import timezone
 
 from tests.factories import make_api_key, make_model, make_user
 from tests.fixtures_usage import simulate_call
+from usage.billing.ledger import grant_credits
 from usage.models import Quota
 from usage.selectors import UsageFilter, usage_stats
-from usage.services import grant_credits
 
 pytestmark = pytest.mark.django_db
 

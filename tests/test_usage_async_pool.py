@@ -15,7 +15,10 @@ from django.db import connection
 from agents.llm.types import ChatRequest
 from aiwriter import dbpool
 from tests.factories import make_api_key, make_fake_model, make_model, make_user
-from usage import hotpath, services
+from usage import hotpath
+from usage.billing import holds, recording
+from usage.billing.calls import CallOutcome, call_meta
+from usage.billing.ledger import grant_credits
 from usage.errors import InsufficientBalance
 from usage.metering import CallContext, metered_complete
 from usage.models import (
@@ -27,7 +30,6 @@ from usage.models import (
     UsageCounter,
     UsageRecord,
 )
-from usage.services import CallOutcome, call_meta, grant_credits
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
               pytest.mark.usefixtures("close_thread_connections")]
@@ -79,8 +81,8 @@ async def test_both_paths_write_the_same_rows():
     async_user, async_key = await sync_to_async(_setup)()
 
     sync_ctx = CallContext(user=sync_user, entry_point="openai", api_key=sync_key, project="blog")
-    plan = await sync_to_async(services.begin_call)(ctx=sync_ctx, request=request)
-    await sync_to_async(services.record_call)(meta=call_meta(sync_ctx), plan=plan, outcome=_outcome(model))
+    plan = await sync_to_async(holds.begin_call)(ctx=sync_ctx, request=request)
+    await sync_to_async(recording.record_call)(meta=call_meta(sync_ctx), plan=plan, outcome=_outcome(model))
 
     async_ctx = CallContext(user=async_user, entry_point="openai", api_key=async_key, project="blog")
     pool = await dbpool.get_pool()
@@ -106,7 +108,7 @@ async def test_charge_not_covered_rolls_back_and_takes_the_general_path():
     outcome = CallOutcome(status="success", model=model.name, prompt_tokens=100, completion_tokens=100)
     assert await hotpath.record_call(meta=call_meta(ctx), plan=plan, outcome=outcome) is None
     assert await sync_to_async(UsageRecord.objects.count)() == 0  # rolled back, even in autocommit
-    record, _ = await sync_to_async(services.record_call)(meta=call_meta(ctx), plan=plan, outcome=outcome)
+    record, _ = await sync_to_async(recording.record_call)(meta=call_meta(ctx), plan=plan, outcome=outcome)
     account = await sync_to_async(CreditAccount.objects.get)(user=user)
     assert account.balance == 0 and account.reserved == 0
     assert record.metadata.get("uncharged")

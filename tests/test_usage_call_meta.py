@@ -7,9 +7,11 @@ import pytest
 
 from agents.llm.types import ChatRequest
 from tests.factories import make_api_key, make_model, make_user
+from usage.billing.calls import CallMeta, call_meta
+from usage.billing.holds import begin_call
+from usage.billing.ledger import grant_credits
 from usage.metering import CallContext
 from usage.models import Reservation
-from usage.services import CallMeta, begin_call, call_meta, grant_credits
 
 pytestmark = pytest.mark.django_db
 

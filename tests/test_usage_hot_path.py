@@ -1,7 +1,7 @@
 """The metering hot path runs a small fixed number of queries (pinned here; chat and /v1 add theirs on top).
 
 On PostgreSQL the hold is one statement and the record with its charge, ledger entry, counters and rollup
-is one statement in one transaction (usage/services.py); other backends take the general path, a
+is one statement in one transaction (usage/billing/recording.py); other backends take the general path, a
 statement per row. Quota rows are cached in process, so a warm call reads none.
 """
 
@@ -13,6 +13,10 @@ from django.test.utils import CaptureQueriesContext
 
 from agents.llm.types import ChatRequest
 from tests.factories import make_api_key, make_model, make_user
+from usage.billing.calls import CallOutcome, call_meta
+from usage.billing.holds import begin_call
+from usage.billing.ledger import grant_credits
+from usage.billing.recording import record_call
 from usage.metering import CallContext
 from usage.models import (
     ApiKey,
@@ -24,7 +28,6 @@ from usage.models import (
     Reservation,
     UsageCounter,
 )
-from usage.services import CallOutcome, begin_call, call_meta, grant_credits, record_call
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

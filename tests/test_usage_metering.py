@@ -7,10 +7,10 @@ import pytest
 from agents.llm import tokens
 from agents.llm.types import ChatRequest, LLMError
 from tests.factories import make_fake_model, make_model, make_user
+from usage.billing.ledger import grant_credits
 from usage.errors import InsufficientBalance
 from usage.metering import CallContext, MeteredResult, metered_complete, metered_stream
 from usage.models import CreditAccount, LedgerEntry, Reservation, UsageCounter, UsageRecord
-from usage.services import grant_credits
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_thread_connections")]
 

@@ -8,10 +8,13 @@ from django.test.utils import CaptureQueriesContext
 
 from agents.llm.types import ChatRequest
 from tests.factories import make_api_key, make_model, make_user
+from usage.billing.calls import CallOutcome, call_meta
+from usage.billing.holds import begin_call
+from usage.billing.ledger import grant_credits
+from usage.billing.recording import record_call
 from usage.metering import CallContext
 from usage.models import ApiKey, Quota, UsageRecord
 from usage.selectors import quota_status
-from usage.services import CallOutcome, begin_call, call_meta, grant_credits, record_call
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -22,8 +22,8 @@ from django.test import AsyncClient, Client, override_settings
 from tests.factories import make_agent, make_api_key, make_fake_model, make_user
 from tests.fixtures_openai import make_account
 from tests.fixtures_web import browser_login
+from usage.billing.keys import revoke_api_key
 from usage.models import ApiKey
-from usage.services import revoke_api_key
 
 pytestmark = pytest.mark.django_db
 

@@ -25,6 +25,8 @@ from aiwriter.admin_display import MoneyFieldsMixin, key_value_table, messages_l
 from aiwriter.errors import ApiError
 from aiwriter.money import money_str
 from usage import csv_export, periods
+from usage.billing.keys import revoke_api_key
+from usage.billing.ledger import grant_credits
 from usage.models import (
     AdminDebugLog,
     ApiKey,
@@ -37,7 +39,6 @@ from usage.models import (
     QuotaAlert,
     UsageRecord,
 )
-from usage.services import grant_credits, revoke_api_key
 
 MONEY_FIELD = DecimalField(max_digits=24, decimal_places=10)
 # Management commands that push usage to the billing system, in the order we look for them.
@@ -78,7 +79,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        # The counter the key's monthly budget is checked against (usage.services._check_limits): what was charged
+        # The counter the key's monthly budget is checked against (usage.billing.holds._check_limits): what was charged
         # this quota month. Uncharged calls (failures before any text, debug runs) add nothing, as for the budget.
         spend = ApiKeyCounter.objects.filter(api_key=OuterRef("pk"), period=periods.month_start()).values("cost")[:1]
         return super().get_queryset(request).annotate(

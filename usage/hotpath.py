@@ -1,6 +1,6 @@
 """A metered call's database work on the event loop: the hold and the record on the async pool (PostgreSQL).
 
-The statements are usage.services' own (`hold_statement`, `record_statement`): one builder, two executors,
+The statements are usage.billing's own (`hold_statement`, `record_statement`): one builder, two executors,
 so both paths write the same rows with the same conditional updates. Here they run on aiwriter.dbpool, one
 round trip each and no thread hop; everything else falls back to the sync services through sync_to_async:
 SQLite (dbpool off), staff debug runs, a cold price or quota cache, accounts with quota limits or a key budget
@@ -21,9 +21,11 @@ from django.utils import timezone
 from aiwriter import dbpool
 from aiwriter.db import released
 from aiwriter.observability import observe_usage_record
-from usage import periods, pricing, services
+from usage import periods, pricing
+from usage.billing import counters, holds, recording
+from usage.billing.calls import CallMeta, CallOutcome, CallPlan
+from usage.billing.sql import _dec
 from usage.models import QuotaAlert, UsageRecord
-from usage.services import CallMeta, CallOutcome, CallPlan
 
 logger = logging.getLogger(__name__)
 
@@ -35,62 +37,62 @@ async def _warm_prices(*names: str | None) -> None:
 
 
 async def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPlan:
-    """services.begin_call, with the hold on the async pool: checks quota and key budget, then holds the
+    """holds.begin_call, with the hold on the async pool: checks quota and key budget, then holds the
     worst-case cost. Raises InsufficientBalance / QuotaExceeded / KeyBudgetExceeded before any model call."""
     if not dbpool.enabled() or ctx.debug:
-        return await sync_to_async(released(services.begin_call))(ctx=ctx, request=request, now=now)
+        return await sync_to_async(released(holds.begin_call))(ctx=ctx, request=request, now=now)
     started_at = now or timezone.now()
     period = periods.month_start(started_at)
     user_id, project = ctx.user.pk, ctx.project or ""
-    limits = services.cached_limits(user_id, project)
+    limits = holds.cached_limits(user_id, project)
     if limits is None:
-        limits = await sync_to_async(released(services._cached_quota_limits))(user_id, project)
+        limits = await sync_to_async(released(holds._cached_quota_limits))(user_id, project)
     plan = CallPlan(started_at=started_at, period=period, limits=limits)
     if limits.any or (ctx.api_key is not None and ctx.api_key.monthly_budget):
         # Reads this month's counters: a query for accounts with limits only (the common account has none).
-        await sync_to_async(released(services._check_limits))(user_id=user_id, project=project, period=period,
+        await sync_to_async(released(holds._check_limits))(user_id=user_id, project=project, period=period,
                                                               limits=limits, api_key=ctx.api_key)
     await _warm_prices(request.model, getattr(request, "fallback_model", None))
-    amount = services.worst_case_cost(request, started_at)
+    amount = holds.worst_case_cost(request, started_at)
     if amount <= 0:
         return plan  # free models need no balance
-    context = services.hold_context(ctx, request, started_at, period)
-    sql, params = services.hold_statement(user_id, amount, context)
+    context = holds.hold_context(ctx, request, started_at, period)
+    sql, params = holds.hold_statement(user_id, amount, context)
     try:
         row = await dbpool.fetchone(sql, params)
     except dbpool.PoolTimeout:
         logger.warning("async pool exhausted: the hold of user %s takes the sync path", user_id)
-        return await sync_to_async(released(services.begin_call))(ctx=ctx, request=request, now=started_at)
+        return await sync_to_async(released(holds.begin_call))(ctx=ctx, request=request, now=started_at)
     except dbpool.psycopg.Error as exc:
         raise dbpool.django_error(exc) from exc
     if row is not None:
         plan.reservation_id, plan.reserved = row[0], amount
         return plan
     # Refused: no account yet (created there) or the balance is short (InsufficientBalance).
-    return await sync_to_async(released(services.hold_slow_path))(ctx=ctx, plan=plan, amount=amount, context=context)
+    return await sync_to_async(released(holds.hold_slow_path))(ctx=ctx, plan=plan, amount=amount, context=context)
 
 
 def _near_limit(limit: tuple[int, Decimal], tokens_used: int, cost_used: Decimal) -> bool:
-    # A cheap pre-check of services._maybe_alert (which fires from WARNING_AT on): below it, no thread hop.
+    # A cheap pre-check of counters._maybe_alert (which fires from WARNING_AT on): below it, no thread hop.
     token_limit, cost_limit = limit
-    return bool((token_limit and tokens_used >= token_limit * services.WARNING_AT)
-                or (cost_limit and cost_used >= cost_limit * services.WARNING_AT))
+    return bool((token_limit and tokens_used >= token_limit * counters.WARNING_AT)
+                or (cost_limit and cost_used >= cost_limit * counters.WARNING_AT))
 
 
-def _alerts(*, user_id: int, plan: CallPlan, scopes: list[str], row: tuple) -> None:
+def _alerts(*, user_id: int, plan: CallPlan, scopes: list[str], row: tuple[Any, ...]) -> None:
     alerts: list[QuotaAlert] = []
     for i, scope in enumerate(scopes):
         limit = plan.limits.scopes.get(scope)
         if limit:
-            alert = services._maybe_alert(user_id=user_id, project=scope, period=plan.period, limit=limit,
-                                          tokens_used=int(row[2 + 2 * i]), cost_used=services._dec(row[3 + 2 * i]))
+            alert = counters._maybe_alert(user_id=user_id, project=scope, period=plan.period, limit=limit,
+                                          tokens_used=int(row[2 + 2 * i]), cost_used=_dec(row[3 + 2 * i]))
             if alert:
                 alerts.append(alert)
-    services.deliver_alerts(alerts)
+    counters.deliver_alerts(alerts)
 
 
 async def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -> UsageRecord | None:
-    """services.record_call's common case as one statement on the async pool; alerts are delivered here.
+    """recording.record_call's common case as one statement on the async pool; alerts are delivered here.
 
     Returns None when it did not write anything and the sync record_call must (debug, the charge not covered,
     no connection free). Raises django.db.DatabaseError when the statement failed once sent: the caller keeps
@@ -100,9 +102,9 @@ async def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -
         return None
     if not outcome.cache_hit:
         await _warm_prices(outcome.model)
-    cost = services.outcome_cost(plan, outcome)
+    cost = recording.outcome_cost(plan, outcome)
     charge = outcome.billable
-    stmt = services.record_statement(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge,
+    stmt = recording.record_statement(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge,
                                      now=timezone.now())
     try:
         row = await dbpool.fetchone(stmt.sql, stmt.params)
@@ -121,7 +123,7 @@ async def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -
     # whose only receiver does this after the commit.)
     observe_usage_record(record)
     if any(plan.limits.scopes.get(scope) and _near_limit(plan.limits.scopes[scope], int(row[2 + 2 * i]),
-                                                         services._dec(row[3 + 2 * i]))
+                                                         _dec(row[3 + 2 * i]))
            for i, scope in enumerate(stmt.scopes)):
         try:
             await sync_to_async(_alerts)(user_id=meta.user_id, plan=plan, scopes=stmt.scopes, row=row)

@@ -42,9 +42,12 @@ from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from aiwriter import deferred
 from aiwriter.db import released
 from aiwriter.observability import add_timing, timing
-from usage import hotpath, services
+from usage import hotpath
+from usage.billing.calls import CallOutcome, CallPlan, call_meta
+from usage.billing.counters import deliver_alerts
+from usage.billing.reconcile import save_pending_result, settle_pending_call
+from usage.billing.recording import outcome_cost, record_call
 from usage.models import UsageRecord
-from usage.services import CallOutcome, CallPlan
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +86,12 @@ def _finish(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[Usa
     (it is unreachable), the record itself is retried in the background until the database is back: a call the
     upstream served is never left without its record because of a short outage.
     """
-    meta = services.call_meta(ctx)
+    meta = call_meta(ctx)
     try:
-        record, alerts = services.record_call(meta=meta, plan=plan, outcome=outcome)
+        record, alerts = record_call(meta=meta, plan=plan, outcome=outcome)
     except DatabaseError:
         return _keep_for_reconcile(ctx, plan, outcome)
-    services.deliver_alerts(alerts)  # after the commit, never inside the money transaction
+    deliver_alerts(alerts)  # after the commit, never inside the money transaction
     return record, False
 
 
@@ -96,11 +99,11 @@ def _keep_for_reconcile(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) 
     """Recording failed: the outcome goes on the hold for `reconcile_reservations` (or, if even that fails, is
     recorded in the background once the database is back); an unsaved record to show."""
     deferred.close_broken_connection()
-    meta = services.call_meta(ctx)
+    meta = call_meta(ctx)
     logger.exception("recording a %s call for user %s failed; hold %s left for reconcile", outcome.model,
                      meta.user_id, plan.reservation_id)
     try:
-        saved = services.save_pending_result(plan=plan, outcome=outcome)
+        saved = save_pending_result(plan=plan, outcome=outcome)
     except DatabaseError:
         deferred.close_broken_connection()
         saved = False
@@ -108,19 +111,19 @@ def _keep_for_reconcile(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) 
         logger.warning("call outcome not saved (hold %s); recording it when the database is back: %s",
                        plan.reservation_id, outcome.as_json())
         deferred.defer(f"usage:{plan.reservation_id or id(outcome)}",
-                       lambda: services.settle_pending_call(meta=meta, plan=plan, outcome=outcome))
+                       lambda: settle_pending_call(meta=meta, plan=plan, outcome=outcome))
     unsaved = UsageRecord(user_id=meta.user_id, model=outcome.model, provider=outcome.provider,
                           prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                           total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
                           token_source=outcome.token_source, status=outcome.status, entry_point=ctx.entry_point,
-                          cost=services.outcome_cost(plan, outcome))
+                          cost=outcome_cost(plan, outcome))
     return unsaved, True
 
 
 async def _finish_async(ctx: CallContext, plan: CallPlan, outcome: CallOutcome) -> tuple[UsageRecord, bool]:
     """On PostgreSQL the common case is one statement on the async pool (usage.hotpath); else the sync path."""
     try:
-        record = await hotpath.record_call(meta=services.call_meta(ctx), plan=plan, outcome=outcome)
+        record = await hotpath.record_call(meta=call_meta(ctx), plan=plan, outcome=outcome)
     except DatabaseError:
         # Sent and failed: it may have committed, so no retry; the hold keeps the outcome for reconcile.
         return await sync_to_async(released(_keep_for_reconcile))(ctx, plan, outcome)

@@ -1,4 +1,4 @@
-"""Usage API: thin views over usage.selectors (reads) and usage.services (writes); users see their own."""
+"""Usage API: thin views over usage.selectors (reads) and usage.billing (writes); users see their own."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from rest_framework.views import APIView
 from agents.models import Agent
 from aiwriter.errors import NotFound
 from aiwriter.money import money_str, to_cents
-from usage import csv_export, debug, selectors, services
+from usage import csv_export, debug, selectors
+from usage.billing import consumption, keys, ledger
 from usage.models import ApiKey
 from usage.periods import local_day
 from usage.permissions import SessionOnly
@@ -171,7 +172,7 @@ class BalanceView(APIView):
     @extend_schema(responses=BalanceSerializer)
     def get(self, request):
         subject = _subject(request, request.query_params.get("user"))
-        services.ensure_account(subject)  # a new account starts with NEW_USER_CREDIT
+        ledger.ensure_account(subject)  # a new account starts with NEW_USER_CREDIT
         return Response(selectors.balance(user=subject))
 
 
@@ -181,7 +182,7 @@ class LedgerView(APIView):
     @extend_schema(responses=LedgerEntrySerializer(many=True))
     def get(self, request):
         subject = _subject(request, request.query_params.get("user"))
-        services.ensure_account(subject)
+        ledger.ensure_account(subject)
         paginator = LimitOffsetPagination()
         page = paginator.paginate_queryset(selectors.ledger_entries(user=subject), request, view=self)
         return paginator.get_paginated_response(LedgerEntrySerializer(page, many=True).data)
@@ -197,7 +198,7 @@ class CreditsView(APIView):
         params = CreditsSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
-        entry = services.grant_credits(user=_user_by_name(data["user"]), amount=data["amount"],
+        entry = ledger.grant_credits(user=_user_by_name(data["user"]), amount=data["amount"],
                                        reason=data["reason"], created_by=request.user, kind=data["kind"])
         return Response(LedgerEntrySerializer(entry).data, status=status.HTTP_201_CREATED)
 
@@ -214,7 +215,7 @@ class ConsumeView(APIView):
         data = params.validated_data
         if data["model"] and not selectors.model_exists(data["model"]):
             raise serializers.ValidationError({"model": f"Unknown model '{data['model']}'."})
-        response, created = services.record_consumption(
+        response, created = consumption.record_consumption(
             caller=request.user, user=_user_by_name(data["user"]), workflow_type=data["workflow_type"],
             tokens_used=data["tokens_used"], model=data["model"], metadata=data["metadata"],
             idempotency_key=data["idempotency_key"], project=data["project"])
@@ -272,7 +273,7 @@ class ApiKeyListView(APIView):
     def post(self, request):
         params = ApiKeyCreateSerializer(data=request.data)
         params.is_valid(raise_exception=True)
-        api_key, raw = services.create_api_key(user=request.user, **params.validated_data)
+        api_key, raw = keys.create_api_key(user=request.user, **params.validated_data)
         # The raw key is shown this once; only its hash is stored.
         return Response({**ApiKeySerializer(api_key).data, "key": raw}, status=status.HTTP_201_CREATED)
 
@@ -285,5 +286,5 @@ class ApiKeyDetailView(APIView):
         api_key = ApiKey.objects.filter(user=request.user, pk=key_id).first()
         if api_key is None:  # another user's key looks exactly like a missing one
             raise NotFound("No such API key.")
-        services.revoke_api_key(api_key=api_key)
+        keys.revoke_api_key(api_key=api_key)
         return Response(status=status.HTTP_204_NO_CONTENT)

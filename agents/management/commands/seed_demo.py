@@ -16,8 +16,9 @@ from agents import services as agent_services
 from agents.models import Agent, Deployment, LLMModel, Provider
 from aiwriter.money import money_str
 from usage import pricing
+from usage.billing.keys import create_api_key, revoke_api_key
+from usage.billing.ledger import ensure_account, grant_credits
 from usage.models import ApiKey, CreditAccount
-from usage.services import create_api_key, ensure_account, grant_credits, revoke_api_key
 
 STATE_DIR = Path(settings.STATE_DIR)
 # The demo user's starting credit when NEW_USER_CREDIT is 0: enough for a few thousand short replies on a cheap model.

@@ -1,7 +1,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from usage.services import create_api_key
+from usage.billing.keys import create_api_key
 
 
 class Command(BaseCommand):

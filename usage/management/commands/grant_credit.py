@@ -8,8 +8,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from aiwriter.errors import ApiError
 from aiwriter.money import money_str
+from usage.billing.ledger import grant_credits
 from usage.models import LedgerEntry
-from usage.services import grant_credits
 
 
 class Command(BaseCommand):

@@ -3,8 +3,8 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_date
 
+from usage.billing.counters import rebuild_rollups
 from usage.periods import local_day
-from usage.services import rebuild_rollups
 
 
 class Command(BaseCommand):

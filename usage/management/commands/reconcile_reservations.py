@@ -2,7 +2,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand
 
-from usage.services import reconcile_reservations
+from usage.billing.reconcile import reconcile_reservations
 
 
 class Command(BaseCommand):
