@@ -32,6 +32,7 @@ from conversations.models import Message
 from conversations.services import Exchange
 from usage import keylimits
 from usage.metering import CallContext, MeteredResult, metered_stream
+from usage.models import UsageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,13 @@ def _api_error(code: str, text: str, http_status: int, retryable: bool, reply: M
                     extra={"message_id": reply.pk, "status": reply.status})
 
 
+def usage_fields(record: UsageRecord) -> dict[str, Any]:
+    """A reply's tokens, estimated flag and cost, as its usage record has them: the record is what was billed,
+    so the message never tells another count (one source instead of one computation per outcome)."""
+    return dict(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                usage_estimated=record.token_source != UsageRecord.TokenSource.MEASURED, cost=record.cost)
+
+
 def _estimate(request: ChatRequest | None, content: str) -> tuple[int, int]:
     if request is None:
         return 0, tokens.count_text(content)
@@ -184,9 +192,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             result: ChatResult = metered.result
             values = dict(status=Message.Status.SUCCESS, content=result.content or "".join(parts),
                           model_name=result.model, provider_name=result.provider,
-                          prompt_tokens=result.usage.prompt_tokens,
-                          completion_tokens=result.usage.completion_tokens, usage_estimated=result.usage.estimated,
-                          fallback=result.fallback, latency_ms=result.latency_ms, cost=metered.cost)
+                          fallback=result.fallback, latency_ms=result.latency_ms, **usage_fields(metered.record))
             _apply(reply, values)
             final = done_frame(reply)
         except ApiError as exc:
@@ -209,9 +215,12 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                 fields = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=True,
                               latency_ms=int((time.monotonic() - started) * 1000))
             record = exc.usage_record
-            cost = getattr(record, "cost", None) or Decimal("0")
+            if record is not None:
+                fields.update(usage_fields(record))
+            else:
+                fields["cost"] = Decimal("0")
             values = dict(status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
-                          error_code=exc.code, cost=cost, **fields)
+                          error_code=exc.code, **fields)
             _apply(reply, values)
             http_status, retryable = llm_outcome(exc.code)
             exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, retryable, reply)
@@ -222,12 +231,15 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             cancelled = exc
             await _close(stream)
             content = "".join(parts)
-            prompt_tokens, completion_tokens = _estimate(request, content)
             record = ctx.usage_record if ctx is not None else None
+            if record is not None:
+                counted = usage_fields(record)
+            else:  # cancelled before metering recorded anything (e.g. while the prompt was built)
+                prompt_tokens, completion_tokens = _estimate(request, content)
+                counted = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                               usage_estimated=True, cost=Decimal("0"))
             values = dict(status=Message.Status.ERROR, content=content, error_message=CANCELLED_TEXT,
-                          error_code="cancelled", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000),
-                          cost=record.cost if record is not None and record.charged else Decimal("0"))
+                          error_code="cancelled", latency_ms=int((time.monotonic() - started) * 1000), **counted)
             final = error_frame("cancelled", CANCELLED_TEXT, True, reply.pk)
         except Exception as exc:  # noqa: BLE001 - a bug or a lost database must still end the exchange
             await _close(stream)
