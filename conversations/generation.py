@@ -30,8 +30,8 @@ from aiwriter.money import money_str
 from conversations import hotpath, prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
-from usage import keylimits
-from usage.metering import CallContext, MeteredResult, metered_stream
+from usage import keylimits, pipeline
+from usage.metering import CallContext, MeteredResult
 from usage.models import UsageRecord
 
 logger = logging.getLogger(__name__)
@@ -171,14 +171,18 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     try:
         try:
             await emit(status_frame(exchange, "thinking"))
-            request = await sync_to_async(prompt.build_request)(
+            # The request is chat's own (history trimmed to the window, memory); the key's limits were taken when
+            # the exchange began (its hold settles in _record_key_tokens); the run is the one pipeline's.
+            target, request = await sync_to_async(prompt.build_call)(
                 conversation=exchange.conversation, user_message=exchange.user_message, user=user,
                 api_key=api_key)
             ctx = CallContext(user=user, entry_point=entry_point, api_key=api_key,
                               project=exchange.conversation.project, agent=exchange.conversation.agent,
                               conversation=exchange.conversation, message=reply)
+            call = pipeline.PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=None,
+                                         hold=exchange.extra.get("key_hold"))
             metered: MeteredResult | None = None
-            stream = metered_stream(ctx, request)
+            stream = pipeline.run_stream(call)
             async for item in stream:
                 if isinstance(item, MeteredResult):
                     metered = item
@@ -353,11 +357,7 @@ async def _record_key_tokens(api_key: Any, reply: Message, hold: keylimits.Hold 
     if not getattr(api_key, "tpm", None):
         return
     try:
-        used = reply.prompt_tokens + reply.completion_tokens
-        if hold is not None:
-            await keylimits.settle(hold, used)
-        else:
-            await keylimits.record_tokens(api_key, used)
+        await pipeline.settle_tokens(api_key, hold, reply.prompt_tokens + reply.completion_tokens)
     except Exception:  # noqa: BLE001 - the reply is stored; a lost count only loosens the limit
         logger.exception("could not record the key's tokens for reply %s", reply.pk)
 
