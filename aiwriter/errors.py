@@ -92,12 +92,14 @@ _DRF_CODES = {
 }
 
 
-def _message_from_detail(detail) -> str:
+def message_from_detail(detail) -> str:
+    """A validation error's one-line message, naming each field ("content: This field may not be blank.")."""
     if isinstance(detail, list):
-        return "; ".join(_message_from_detail(d) for d in detail)
+        return "; ".join(message_from_detail(d) for d in detail)
     if isinstance(detail, dict):
-        return "; ".join(f"{k}: {_message_from_detail(v)}" for k, v in detail.items())
+        return "; ".join(f"{k}: {message_from_detail(v)}" for k, v in detail.items())
     return str(detail)
+
 
 
 def api_exception_handler(exc, context) -> Response | None:
@@ -119,7 +121,7 @@ def api_exception_handler(exc, context) -> Response | None:
 
     if isinstance(exc, exceptions.APIException):
         code = next((c for cls, c in _DRF_CODES.items() if isinstance(exc, cls)), None) or exc.default_code
-        body = error_body(code, _message_from_detail(exc.detail), isinstance(exc, exceptions.Throttled))
+        body = error_body(code, message_from_detail(exc.detail), isinstance(exc, exceptions.Throttled))
         if isinstance(exc, exceptions.ValidationError):
             body["error"]["fields"] = exc.detail
         headers = {}

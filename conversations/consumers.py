@@ -18,10 +18,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from aiwriter import parsers as json_body
-from aiwriter.errors import ApiError
+from aiwriter.errors import ApiError, message_from_detail
 from aiwriter.ws_auth import credential_is_live
 from conversations import selectors, services
 from conversations.generation import error_frame, run_exchange
+from conversations.serializers import MessageFrameInput
 
 logger = logging.getLogger(__name__)
 
@@ -219,22 +220,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return int(value)
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
-        conversation_id = self._conversation_id(frame, required=False)
-        content, client_id = frame.get("content"), frame.get("client_id")
-        agent, project = frame.get("agent"), frame.get("project")
-        if not isinstance(content, str) or not content.strip():
-            raise BadFrame("`content` must be a non-empty string.")
-        if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= 64):
-            raise BadFrame("`client_id` must be a string of at most 64 characters.")
-        if conversation_id is None and (not isinstance(agent, str) or not agent):
-            raise BadFrame("`agent` (a slug) is required to start a conversation.")
-        if project is not None and (not isinstance(project, str) or len(project) > 100):
-            raise BadFrame("`project` must be a string of at most 100 characters.")
+        # The REST serializers' fields: the socket and REST refuse the same inputs with the same messages.
+        data = MessageFrameInput(data=frame)
+        if not data.is_valid():
+            raise BadFrame(message_from_detail(data.errors))
+        values = data.validated_data
+        conversation_id, content, client_id = values.get("conversation"), values["content"], values.get("client_id")
+        agent, project, new = values.get("agent"), values.get("project"), values["new"]
         if project is None:
             project = getattr(self.api_key, "project", "") or ""
-        new = frame.get("new", False)
-        if not isinstance(new, bool):
-            raise BadFrame("`new` must be true or false.")
         previous = self.generations.get(conversation_id) if conversation_id is not None else None
         if previous is not None and getattr(previous, "told", False):
             # Its final frame is out and its final write under way: a message sent right after `done` waits for

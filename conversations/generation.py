@@ -30,8 +30,9 @@ from aiwriter.money import money_str
 from conversations import hotpath, prompt, services
 from conversations.models import Message
 from conversations.services import Exchange
-from usage import keylimits
-from usage.metering import CallContext, MeteredResult, metered_stream
+from usage import keylimits, pipeline
+from usage.metering import CallContext, MeteredResult
+from usage.models import UsageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,13 @@ def _api_error(code: str, text: str, http_status: int, retryable: bool, reply: M
                     extra={"message_id": reply.pk, "status": reply.status})
 
 
+def usage_fields(record: UsageRecord) -> dict[str, Any]:
+    """A reply's tokens, estimated flag and cost, as its usage record has them: the record is what was billed,
+    so the message never tells another count (one source instead of one computation per outcome)."""
+    return dict(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                usage_estimated=record.token_source != UsageRecord.TokenSource.MEASURED, cost=record.cost)
+
+
 def _estimate(request: ChatRequest | None, content: str) -> tuple[int, int]:
     if request is None:
         return 0, tokens.count_text(content)
@@ -163,14 +171,18 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     try:
         try:
             await emit(status_frame(exchange, "thinking"))
-            request = await sync_to_async(prompt.build_request)(
+            # The request is chat's own (history trimmed to the window, memory); the key's limits were taken when
+            # the exchange began (its hold settles in _record_key_tokens); the run is the one pipeline's.
+            target, request = await sync_to_async(prompt.build_call)(
                 conversation=exchange.conversation, user_message=exchange.user_message, user=user,
                 api_key=api_key)
             ctx = CallContext(user=user, entry_point=entry_point, api_key=api_key,
                               project=exchange.conversation.project, agent=exchange.conversation.agent,
                               conversation=exchange.conversation, message=reply)
+            call = pipeline.PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=None,
+                                         hold=exchange.extra.get("key_hold"))
             metered: MeteredResult | None = None
-            stream = metered_stream(ctx, request)
+            stream = pipeline.run_stream(call)
             async for item in stream:
                 if isinstance(item, MeteredResult):
                     metered = item
@@ -184,9 +196,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             result: ChatResult = metered.result
             values = dict(status=Message.Status.SUCCESS, content=result.content or "".join(parts),
                           model_name=result.model, provider_name=result.provider,
-                          prompt_tokens=result.usage.prompt_tokens,
-                          completion_tokens=result.usage.completion_tokens, usage_estimated=result.usage.estimated,
-                          fallback=result.fallback, latency_ms=result.latency_ms, cost=metered.cost)
+                          fallback=result.fallback, latency_ms=result.latency_ms, **usage_fields(metered.record))
             _apply(reply, values)
             final = done_frame(reply)
         except ApiError as exc:
@@ -209,9 +219,12 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                 fields = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage_estimated=True,
                               latency_ms=int((time.monotonic() - started) * 1000))
             record = exc.usage_record
-            cost = getattr(record, "cost", None) or Decimal("0")
+            if record is not None:
+                fields.update(usage_fields(record))
+            else:
+                fields["cost"] = Decimal("0")
             values = dict(status=Message.Status.LLM_ERROR, content=content, error_message=exc.message,
-                          error_code=exc.code, cost=cost, **fields)
+                          error_code=exc.code, **fields)
             _apply(reply, values)
             http_status, retryable = llm_outcome(exc.code)
             exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, retryable, reply)
@@ -222,12 +235,15 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             cancelled = exc
             await _close(stream)
             content = "".join(parts)
-            prompt_tokens, completion_tokens = _estimate(request, content)
             record = ctx.usage_record if ctx is not None else None
+            if record is not None:
+                counted = usage_fields(record)
+            else:  # cancelled before metering recorded anything (e.g. while the prompt was built)
+                prompt_tokens, completion_tokens = _estimate(request, content)
+                counted = dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                               usage_estimated=True, cost=Decimal("0"))
             values = dict(status=Message.Status.ERROR, content=content, error_message=CANCELLED_TEXT,
-                          error_code="cancelled", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          usage_estimated=True, latency_ms=int((time.monotonic() - started) * 1000),
-                          cost=record.cost if record is not None and record.charged else Decimal("0"))
+                          error_code="cancelled", latency_ms=int((time.monotonic() - started) * 1000), **counted)
             final = error_frame("cancelled", CANCELLED_TEXT, True, reply.pk)
         except Exception as exc:  # noqa: BLE001 - a bug or a lost database must still end the exchange
             await _close(stream)
@@ -341,11 +357,7 @@ async def _record_key_tokens(api_key: Any, reply: Message, hold: keylimits.Hold 
     if not getattr(api_key, "tpm", None):
         return
     try:
-        used = reply.prompt_tokens + reply.completion_tokens
-        if hold is not None:
-            await keylimits.settle(hold, used)
-        else:
-            await keylimits.record_tokens(api_key, used)
+        await pipeline.settle_tokens(api_key, hold, reply.prompt_tokens + reply.completion_tokens)
     except Exception:  # noqa: BLE001 - the reply is stored; a lost count only loosens the limit
         logger.exception("could not record the key's tokens for reply %s", reply.pk)
 

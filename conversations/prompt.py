@@ -13,6 +13,7 @@ from agents.llm.types import ChatRequest
 from agents.models import Agent
 from conversations import memory, selectors, services
 from conversations.models import Conversation, Message
+from usage.pipeline import Target
 
 
 def _message_tokens(message: dict[str, Any], model: str) -> int:
@@ -29,7 +30,14 @@ def output_reserve(agent: Agent) -> int:
 
 def build_request(*, conversation: Conversation, user_message: Message, user: Any,
                   api_key: Any = None) -> ChatRequest:
-    """Sync (touches the database); call through sync_to_async from async code.
+    """Sync (touches the database); call through sync_to_async from async code."""
+    return build_call(conversation=conversation, user_message=user_message, user=user, api_key=api_key)[1]
+
+
+def build_call(*, conversation: Conversation, user_message: Message, user: Any,
+               api_key: Any = None) -> tuple[Target, ChatRequest]:
+    """The reply's target (the conversation's agent, for the call pipeline) and its request. Sync (touches the
+    database); call through sync_to_async from async code.
 
     A key limited to some models falls back only to one of them (as on /v1): else no fallback."""
     agent = Agent.objects.select_related("model", "fallback_model").get(pk=conversation.agent_id)
@@ -62,9 +70,10 @@ def build_request(*, conversation: Conversation, user_message: Message, user: An
             request.messages[0] = {"role": "system", "content": with_memory}
         else:
             request.messages.insert(0, {"role": "system", "content": with_memory})
+    fallback = agent.fallback_model
     if request.fallback_model and not services.key_allows_model(api_key, agent.fallback_model_id):
-        request.fallback_model = None
+        request.fallback_model, fallback = None, None
     room = agent.model.context_window - used  # at least the reserve, unless the new message alone overflows
     if request.max_tokens and room > 0:
         request.max_tokens = min(request.max_tokens, room)
-    return request
+    return Target(name=f"agent:{agent.slug}", model=agent.model, agent=agent, fallback=fallback), request

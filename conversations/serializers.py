@@ -10,12 +10,30 @@ from conversations.models import Conversation, Message
 from usage.serializers import MoneyField
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON string only: 5 is not the text "5" (the websocket and REST refuse the same inputs)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON true or false only: "yes" is not true."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
 class ConversationCreateInput(serializers.Serializer):
-    agent = serializers.CharField(max_length=100)
-    project = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    agent = StrictCharField(max_length=100)
+    project = StrictCharField(max_length=100, required=False, allow_blank=True)
     title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    new = serializers.BooleanField(required=False, default=False,
-                                   help_text="Always start a new conversation (no 5-minute dedupe).")
+    new = StrictBooleanField(required=False, default=False,
+                             help_text="Always start a new conversation (no 5-minute dedupe).")
 
 
 class ConversationListQuery(serializers.Serializer):
@@ -31,8 +49,8 @@ class ConversationUpdateInput(serializers.Serializer):
 
 
 class MessageCreateInput(serializers.Serializer):
-    content = serializers.CharField(trim_whitespace=False)
-    client_id = serializers.CharField(max_length=64, required=False, allow_null=True, allow_blank=True)
+    content = StrictCharField(trim_whitespace=False)
+    client_id = StrictCharField(max_length=64, required=False, allow_null=True, allow_blank=True)
 
     def validate_content(self, value: str) -> str:
         if not value.strip():
@@ -40,6 +58,22 @@ class MessageCreateInput(serializers.Serializer):
         if len(value) > settings.MAX_MESSAGE_CHARS:
             raise serializers.ValidationError(f"At most {settings.MAX_MESSAGE_CHARS} characters.")
         return value
+
+
+class MessageFrameInput(MessageCreateInput):
+    """A websocket `message` frame: REST's message create, plus what REST has in the URL (`conversation`) or in
+    the conversation create (`agent`, `project`, `new`), with the same fields as there, so both refuse the same
+    inputs with the same messages."""
+
+    conversation = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    agent = StrictCharField(max_length=100, required=False)
+    project = StrictCharField(max_length=100, required=False, allow_blank=True, allow_null=True)
+    new = StrictBooleanField(required=False, default=False)
+
+    def validate(self, attrs):
+        if attrs.get("conversation") is None and not attrs.get("agent"):
+            raise serializers.ValidationError({"agent": ["A slug is required to start a conversation."]})
+        return attrs
 
 
 class ConversationSerializer(serializers.ModelSerializer):

@@ -8,7 +8,6 @@ checked in subqueries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import Exists, OuterRef, QuerySet
@@ -16,16 +15,9 @@ from django.db.models import Exists, OuterRef, QuerySet
 from agents.llm.types import ModelNotFound
 from agents.models import Agent, LLMModel
 from usage.models import ApiKey
+from usage.pipeline import Target
 
 AGENT_PREFIX = "agent:"
-
-
-@dataclass
-class Target:
-    name: str  # as the client wrote it
-    model: LLMModel  # the model that serves it (an agent's primary model)
-    agent: Agent | None = None
-    fallback: LLMModel | None = None  # the agent's fallback model, when there is one and the key may use it
 
 
 def _with_key_access(queryset: QuerySet, api_key: ApiKey | None, model_ref: str,

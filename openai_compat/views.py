@@ -22,8 +22,9 @@ from aiwriter.db import released
 from aiwriter.errors import ApiError
 from aiwriter.observability import timing
 from openai_compat import calls, errors, hotcache, parsing, responses, targets
+from usage import pipeline
 from usage.authentication import bearer_token, resolve_api_key
-from usage.metering import MeteredResult, metered_complete, metered_stream
+from usage.metering import MeteredResult
 from usage.models import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     if params.stream:
         return await _stream(call, completion)
     try:
-        metered = await metered_complete(call.ctx, call.request)
+        metered = await pipeline.run_complete(call)
     except LLMError as exc:
         await calls.finish_call(call, exc.partial)
         raise
@@ -114,7 +115,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
 
 
 async def _stream(call: calls.PreparedCall, completion: responses.Completion) -> HttpResponse:
-    stream = metered_stream(call.ctx, call.request)
+    stream = pipeline.run_stream(call)
     # Wait for the first item before answering: balance, quota and upstream errors that come before
     # any text then get their real HTTP status instead of an error event inside a 200 stream.
     try:

@@ -17,7 +17,8 @@ from agents.llm import balancer, breaker, health, registry, tokens
 from agents.llm.agent_request import build_agent_request
 from agents.llm.types import LLMError
 from agents.models import Agent
-from usage.metering import CallContext, metered_complete
+from usage import pipeline
+from usage.metering import MeteredResult
 from usage.models import AdminDebugLog, UsageRecord
 
 DEFAULT_MESSAGES = [{"role": "user", "content": "Hello! Please introduce yourself in one sentence."}]
@@ -69,12 +70,19 @@ def prompt_preview(*, agent: Agent, staff_user: Any, messages: list[dict[str, An
 
 def execution_test(*, agent: Agent, staff_user: Any, messages: list[dict[str, Any]] | None) -> AdminDebugLog:
     messages = messages or DEFAULT_MESSAGES
-    request = build_agent_request(agent, messages, user=staff_user)
-    ctx = CallContext(user=staff_user, entry_point=UsageRecord.EntryPoint.DEBUG, agent=agent, debug=True)
+    target = pipeline.Target.for_agent(agent)  # here, sync: the agent's models are loaded before the loop runs
+    request = pipeline.build_request(target, messages, account=staff_user)
     started = time.monotonic()
     record: UsageRecord | None
+
+    async def run() -> MeteredResult:
+        # The pipeline every entry point uses; no key (no key limits), metered as a debug run (never charged).
+        call = await pipeline.prepare(target, messages, account=staff_user, api_key=None,
+                                      entry_point=UsageRecord.EntryPoint.DEBUG, debug=True)
+        return await pipeline.run_complete(call)
+
     try:
-        metered = async_to_sync(metered_complete)(ctx, request)
+        metered = async_to_sync(run)()
     except LLMError as exc:
         record = exc.usage_record
         result = {"ok": False, "error": {"code": exc.code, "message": exc.message}}

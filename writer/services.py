@@ -16,7 +16,8 @@ from aiwriter.errors import ApiError
 from aiwriter.money import money_str
 from openai_compat import calls
 from openai_compat.targets import AGENT_PREFIX
-from usage.metering import MeteredResult, metered_complete
+from usage import pipeline
+from usage.metering import MeteredResult
 
 
 @dataclass
@@ -53,7 +54,7 @@ async def _run(*, user: Any, api_key: Any, target: str, prompt: str, workflow_ty
                                         max_tokens=max_tokens)
         call.ctx.workflow_type = workflow_type
         try:
-            metered = await metered_complete(call.ctx, call.request)
+            metered = await pipeline.run_complete(call)
         except LLMError as exc:
             await calls.finish_call(call, exc.partial)
             raise
