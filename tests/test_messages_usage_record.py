@@ -11,8 +11,8 @@ from conversations import services
 from conversations.generation import run_exchange
 from conversations.models import Conversation, Message
 from tests.factories import make_agent, make_fake_model
+from usage.billing.ledger import grant_credits
 from usage.models import UsageRecord
-from usage.services import grant_credits
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True)]
 
