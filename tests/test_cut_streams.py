@@ -104,25 +104,38 @@ async def via_openai(base_url: str, key: str, fake_upstream, *, close_after: int
 
 
 async def via_websocket(base_url: str, key: str, fake_upstream, *, close_after: int | None) -> Seen:
-    """/ws/chat/ with a `websockets` client; `close_after` = close the socket after N delta frames."""
+    """/ws/chat/ with a `websockets` client; `close_after` = Stop (a `cancel` frame) after N delta frames.
+
+    A socket that merely goes away does not stop its reply (docs/chat.md: a reload keeps it generating), so the
+    client's way to cut a websocket stream is Stop; the frames after it (its final `cancelled` frame) are drained.
+    """
     seen = Seen()
     headers = {"Origin": base_url, "Authorization": f"Bearer {key}"}
     url = base_url.replace("http://", "ws://", 1) + "/ws/chat/"
     async with websockets.connect(url, additional_headers=headers, open_timeout=5) as socket:
         await socket.send(json.dumps({"type": "message", "conversation": None, "agent": "cutter",
                                       "content": PROMPT, "client_id": "cut-1"}))
-        if close_after == 0:
-            await _until_upstream_called(fake_upstream)
-            await asyncio.sleep(0.1)
-            return seen  # leaving the block closes the socket
+        conversation = None
+
+        async def stop() -> Seen:
+            await socket.send(json.dumps({"type": "cancel", "conversation": conversation}))
+            while json.loads(await socket.recv())["type"] not in ("done", "error"):
+                pass
+            return seen
+
         async with asyncio.timeout(20):
             while True:
                 frame = json.loads(await socket.recv())
-                if frame["type"] == "delta":
+                if frame["type"] == "status":
+                    conversation = frame["conversation"]
+                    if close_after == 0:
+                        await _until_upstream_called(fake_upstream)
+                        return await stop()
+                elif frame["type"] == "delta":
                     seen.text += frame["content"]
                     seen.deltas += 1
                     if seen.deltas == close_after:
-                        return seen
+                        return await stop()
                 elif frame["type"] == "error":
                     seen.error = frame["message_text"]
                     return seen

@@ -24,6 +24,7 @@ from rest_framework.test import APIClient
 
 from agents.models import Provider
 from aiwriter.asgi import application
+from conversations import consumers
 from conversations.models import Conversation, Message
 from tests.factories import make_agent, make_api_key, make_fake_model
 from tests.fixtures_faults import free_port
@@ -98,6 +99,11 @@ async def _ws(raw: str, conversation_id: int) -> list[dict]:
                                          "content": "Tell me a fact"})
         while not frames or frames[-1]["type"] not in ("done", "error"):
             frames.append(await communicator.receive_json_from(timeout=2 * AGENT_TIMEOUT + SLACK))
+        # A reply outlives its socket (docs/chat.md): let it end its final write and free its lock before this
+        # test's event loop closes, as a server's loop would go on.
+        running = consumers.RUNNING.get(conversation_id)
+        if running is not None:
+            await asyncio.wait([running], timeout=10)
     finally:
         await communicator.disconnect()
     return frames
