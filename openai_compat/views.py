@@ -101,15 +101,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     completion = responses.Completion(model=params.model, include_usage=params.include_usage)
     if params.stream:
         return await _stream(call, completion)
-    try:
-        metered = await pipeline.run_complete(call)
-    except LLMError as exc:
-        await calls.finish_call(call, exc.partial)
-        raise
-    except ApiError:
-        await calls.refused_call(call)
-        raise
-    await calls.finish_call(call, metered.result)
+    metered = await pipeline.run_complete(call)
     return JsonResponse(completion.body(metered.result), headers=responses.extras_headers(metered.result,
                                                                                           metered.cost))
 

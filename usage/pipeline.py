@@ -19,7 +19,7 @@ from typing import Any
 
 from agents.llm import tokens
 from agents.llm.agent_request import build_agent_request
-from agents.llm.types import ChatRequest, ChatResult, TextDelta
+from agents.llm.types import ChatRequest, ChatResult, LLMError, TextDelta
 from agents.models import Agent, LLMModel
 from aiwriter.errors import ApiError
 from usage import keylimits
@@ -112,8 +112,17 @@ def run_stream(call: PreparedCall) -> AsyncGenerator[TextDelta | MeteredResult, 
 
 
 async def run_complete(call: PreparedCall) -> MeteredResult:
-    """The call, metered, as one reply."""
-    return await metered_complete(call.ctx, call.request)
+    """The call, metered, as one reply; its key-limit hold settled whatever the outcome."""
+    try:
+        metered = await metered_complete(call.ctx, call.request)
+    except LLMError as exc:
+        await finish(call, exc.partial)
+        raise
+    except ApiError:
+        await refused(call)
+        raise
+    await finish(call, metered.result)
+    return metered
 
 
 def tokens_used(call: PreparedCall, result: ChatResult | None, delivered: str = "") -> int:

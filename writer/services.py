@@ -53,17 +53,9 @@ async def _run(*, user: Any, api_key: Any, target: str, prompt: str, workflow_ty
                                         messages=[{"role": "user", "content": prompt}], entry_point="writer",
                                         max_tokens=max_tokens)
         call.ctx.workflow_type = workflow_type
-        try:
-            metered = await pipeline.run_complete(call)
-        except LLMError as exc:
-            await calls.finish_call(call, exc.partial)
-            raise
-        except ApiError:
-            await calls.refused_call(call)
-            raise
+        metered = await pipeline.run_complete(call)
     except LLMError as exc:
         raise api_error(exc) from exc
-    await calls.finish_call(call, metered.result)
     return WriterResult(metered)
 
 
