@@ -56,7 +56,9 @@ class MessageCreateInput(serializers.Serializer):
         if not value.strip():
             raise serializers.ValidationError("This field may not be blank.")
         if len(value) > settings.MAX_MESSAGE_CHARS:
-            raise serializers.ValidationError(f"At most {settings.MAX_MESSAGE_CHARS} characters.")
+            # The words the chat page shows as they are: the real reason, with the limit as the page counts it.
+            raise serializers.ValidationError(
+                f"This message is too long: at most {settings.MAX_MESSAGE_CHARS:,} characters.")
         return value
 
 
