@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from agents.models import Agent, Deployment, LLMModel, Provider
-from aiwriter.admin_display import money
+from aiwriter.admin_display import DECIMAL_WIDGETS, money, show_money_read_only
 from usage import debug, pricing
 from usage.models import AdminDebugLog, ModelPrice
 
@@ -167,6 +167,8 @@ class ModelPriceForm(forms.ModelForm):
         # "From now" unless told otherwise; the hidden initial keeps an untouched blank row from counting as a change.
         self.fields["effective_from"].initial = timezone.now
         self.fields["effective_from"].show_hidden_initial = True
+        if self.instance.pk is not None:  # a past row, shown read-only
+            show_money_read_only(self, ("input_per_million", "cached_input_per_million", "output_per_million"))
 
 
 class ModelPriceInline(admin.TabularInline):
@@ -174,6 +176,7 @@ class ModelPriceInline(admin.TabularInline):
 
     model = ModelPrice
     form = ModelPriceForm
+    formfield_overrides = DECIMAL_WIDGETS
     extra = 1
     can_delete = False
     verbose_name = "price (per million tokens)"
@@ -254,6 +257,7 @@ class AgentAdmin(admin.ModelAdmin):
     list_select_related = ["model", "fallback_model"]
     search_fields = ["slug", "name"]
     prepopulated_fields = {"slug": ["name"]}
+    formfield_overrides = DECIMAL_WIDGETS
     autocomplete_fields = ["model", "fallback_model"]
 
     @admin.display(description="debug")
@@ -293,6 +297,7 @@ class AgentAdmin(admin.ModelAdmin):
             "form": form,
             "log": log,
             "log_result": json.dumps(log.result, indent=2, ensure_ascii=False, default=str) if log else "",
-            "recent": recent,
+            "log_cost": money(log.cost) if log else "",
+            "recent": [(entry, money(entry.cost)) for entry in recent],
         }
         return TemplateResponse(request, "admin/agents/agent/debug.html", context)

@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 from django.urls import reverse
 
+from aiwriter.money import money_str
 from tests.factories import make_agent, make_fake_model
 from usage.models import AdminDebugLog, LedgerEntry, UsageRecord
 
@@ -39,7 +40,7 @@ def test_execution_test_shows_the_result_and_its_logged_cost(operator_client, op
     assert log.cost > 0 and log.prompt_tokens > 0 and log.completion_tokens > 0
     body = response.content.decode()
     assert 'id="debug-result"' in body
-    assert f'<td class="debug-cost">{log.cost}</td>' in body
+    assert f'<td class="debug-cost">{money_str(log.cost)}</td>' in body
     assert "Hello from the &lt;b&gt;debug&lt;/b&gt; run." in body  # the reply is shown as text
     # Logged with its cost, charged to nobody.
     record = UsageRecord.objects.get()
