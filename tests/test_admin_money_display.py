@@ -76,7 +76,7 @@ def _client_post(user, url, data):
 def _pages(agent) -> list[str]:
     urls = [reverse("admin:index"), reverse("admin-dashboard"), reverse("admin:agents_agent_debug", args=[agent.pk]),
             reverse("admin:usage_creditaccount_topup")]
-    for model, model_admin in admin.site._registry.items():
+    for model in admin.site._registry:
         opts = model._meta
         if opts.app_label not in OUR_APPS:
             continue
