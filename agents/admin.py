@@ -100,10 +100,12 @@ class ProviderAdmin(admin.ModelAdmin):
 
     @admin.display(description="deployments")
     def health(self, obj: Provider) -> str:
+        from agents.llm import breaker
         from agents.selectors import deployment_health
 
         if obj.pk is None:
             return "—"
+        breaker.refresh()  # the breakers of every process, as they are now (not up to a second old)
         rows = deployment_health(provider_id=obj.pk)
         if not rows:
             return "No deployments yet."
