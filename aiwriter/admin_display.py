@@ -11,6 +11,7 @@ from django import forms
 from django.contrib import admin
 from django.db import models
 from django.utils.html import escape, format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from aiwriter.money import money_str
 
@@ -49,8 +50,8 @@ class MoneyText(forms.Widget):
 
     read_only = True
 
-    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> str:
-        return "—" if value in (None, "") else escape(money(value) if isinstance(value, Decimal) else value)
+    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> SafeString:
+        return escape("—" if value in (None, "") else money(value) if isinstance(value, Decimal) else value)
 
 
 # Every Decimal field of an admin form edits through MoneyInput (for temperature too: `0.7`, not `0.70`).
