@@ -229,7 +229,10 @@ def _maybe_refresh(*, wait: bool | None = None) -> None:
     excepted), else synchronously."""
     global _next_refresh, _refreshing
     now = time.monotonic()
-    if now < _next_refresh or not _shared_enabled():
+    if now < _next_refresh:
+        return
+    if not _shared_enabled():
+        _next_refresh = now + REFRESH_SECONDS  # asked again in a second, not on each call
         return
     with _lock:
         if now < _next_refresh:
