@@ -111,9 +111,13 @@ class ProviderAdmin(admin.ModelAdmin):
             return "No deployments yet."
         return format_html(
             '<table class="aiw-provider-health"><thead><tr><th>model</th><th>upstream model</th><th>status</th>'
-            "<th>latency</th><th>last check</th><th>last error</th></tr></thead><tbody>{}</tbody></table>",
-            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", (
+            "<th>circuit</th><th>latency</th><th>last check</th><th>last error</th></tr></thead><tbody>{}</tbody>"
+            "</table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                             "</tr>", (
                 (r.model, r.upstream_model, _health_badge(r.status),
+                 format_html('<span class="aiw-breaker aiw-breaker-{}">{}</span>', r.breaker_state,
+                             r.breaker_state.replace("_", "-")),
                  f"{r.response_time_ms} ms" if r.response_time_ms is not None else "—",
                  timezone.localtime(r.last_check).strftime("%Y-%m-%d %H:%M:%S") if r.last_check else "—",
                  r.last_error or "—") for r in rows)))

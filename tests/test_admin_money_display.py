@@ -101,6 +101,27 @@ def test_no_admin_page_shows_money_with_ten_places(operator_client, money_everyw
     assert shown > 30  # the walk really saw the pages
 
 
+def test_no_read_only_change_page_has_a_save_button(operator_client, operator, money_everywhere):
+    """Issue 14: a page the operator may only look at offers no Save (every read-only admin, not a chosen few)."""
+    from django.test import RequestFactory
+
+    request = RequestFactory().get("/admin/")
+    request.user = operator
+    checked = 0
+    for model, model_admin in admin.site._registry.items():
+        opts = model._meta
+        if opts.app_label not in OUR_APPS:
+            continue
+        for obj in model._default_manager.all()[:2]:
+            if model_admin.has_change_permission(request, obj) and model is not CreditAccount:
+                continue  # editable (a credit account's page has only read-only fields: no Save either)
+            url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
+            body = operator_client.get(url).content.decode()
+            assert 'name="_save"' not in body and 'name="_continue"' not in body, url
+            checked += 1
+    assert checked >= 8
+
+
 def test_the_one_format_is_what_the_pages_show(operator_client, money_everywhere):
     model = money_everywhere["agent"].model
     page = operator_client.get(reverse("admin:agents_llmmodel_change", args=[model.pk])).content.decode()
