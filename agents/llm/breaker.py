@@ -2,12 +2,15 @@
 recovery timeout (one trial call at a time) → closed on a success, open again on a failure.
 
 The open state is shared by all processes through Redis (one hash, `<prefix>:llm:breakers`, a field per deployment:
-`opened_at:failures:recovery`, opened_at on the wall clock), so a restarted process, or another daphne, sees a
-deployment as open. The hot path gains no Redis round trip: a process publishes only when its breaker opens or
-closes, and reads the whole hash at most once a second in the background (the first read after a start blocks
-once, so a restarted process knows from its first call). All Redis work runs in order on one worker thread.
-What stays per process: the count of failures before the threshold and the half-open trial slot (each process may
-send one trial). Without REDIS_URL, or while Redis fails (aiwriter.redis_guard), breakers are per process as before.
+`open:<opened_at>:<failures>:<recovery>`, or `closed:<opened_at>` once a trial closed that pause; opened_at on the
+wall clock), so a restarted process, or another daphne, sees a deployment as open.
+
+The hot path gains no Redis round trip: a process writes only when its breaker opens or closes, and reads the whole
+hash at most once a second in the background (only the first read after a start blocks, so a restarted process
+knows from its first call). All Redis work runs in order on one worker thread. What stays per process: the count of
+failures before the threshold, and the half-open trial slot (each process may send one trial). Without REDIS_URL,
+or while Redis fails (aiwriter.redis_guard), breakers are per process as before; what opened meanwhile is written
+when Redis answers again.
 """
 
 from __future__ import annotations
@@ -37,28 +40,25 @@ WAIT_SECONDS = 3.0  # a synchronous caller waits this long at most for the store
 
 logger = logging.getLogger(__name__)
 
-# Publishes only what is newer than the stored state, and closes only the open state it knew: a process that closes
-# a stale pause must not erase a newer one opened elsewhere.
-_OPEN = """
+# Each write wins only over an older pause: a process that closes a stale pause must not erase a newer one opened
+# elsewhere. A close leaves a marker, so a store that lost its data (an emptied Redis) is not read as "closed".
+_WRITE = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v or tonumber(string.match(v, '^[^:]+')) < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3] .. ':' .. ARGV[4])
+local stored = v and tonumber(string.match(v, '^%a+:([^:]+)'))
+if not stored or stored < tonumber(ARGV[2]) or (stored == tonumber(ARGV[2]) and ARGV[3] == 'closed') then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 end
-return 0
-"""
-_CLOSE = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v and tonumber(string.match(v, '^[^:]+')) <= tonumber(ARGV[2]) then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 0
 """
 
 
 class Shared(NamedTuple):
-    """One deployment's open state as the shared store holds it."""
+    """One deployment's last pause as the shared store holds it: open, or closed by a successful trial."""
 
     opened_wall: float
     failures: int
     recovery: float
+    closed: bool = False
 
 
 @dataclass
@@ -133,21 +133,22 @@ class CircuitBreaker:
         """Takes in what other processes did since the last view (called on the caller's own thread)."""
         assert self.deployment_id is not None
         shared = view.get(self.deployment_id)
-        if shared is not None:
-            known = max(self.opened_wall or 0.0, self.closed_wall or 0.0)
-            if shared.opened_wall > known:  # opened (or re-opened) elsewhere, later than anything seen here
-                self.opened_at = time.monotonic() - max(0.0, time.time() - shared.opened_wall)
-                self.opened_wall = self.stored_wall = shared.opened_wall
-                self.stored_seq = view_seq
-                self.failures = max(self.failures, shared.failures)
-            elif self.opened_wall is not None and self.stored_wall != self.opened_wall:
-                _publish_open(self)  # opened here while the store was unreachable
-        elif self.opened_wall is not None and self.opened_at is not None:
-            if self.stored_wall == self.opened_wall and view_seq > self.stored_seq:
-                # The store held this pause and no longer does: another process's trial closed it.
-                self.closed_wall, self.opened_wall, self.opened_at, self.failures = self.opened_wall, None, None, 0
-            elif self.stored_wall != self.opened_wall:
-                _publish_open(self)
+        mine = self.opened_wall if self.opened_at is not None else None
+        if shared is not None and shared.closed:
+            if mine is not None and mine <= shared.opened_wall:  # another process's trial closed this pause
+                self.closed_wall, self.opened_wall, self.opened_at, self.failures = mine, None, None, 0
+                self.trial_in_flight = False
+                return
+        elif shared is not None and shared.opened_wall > max(mine or 0.0, self.closed_wall or 0.0):
+            # Opened (or re-opened) elsewhere, later than anything this process saw.
+            self.opened_at = time.monotonic() - max(0.0, time.time() - shared.opened_wall)
+            self.opened_wall = self.stored_wall = shared.opened_wall
+            self.stored_seq = view_seq
+            self.failures = max(self.failures, shared.failures)
+            return
+        if mine is not None and (shared is None or shared.opened_wall < mine) and (
+                self.stored_wall != mine or view_seq > self.stored_seq):
+            _publish_open(self)  # opened while the store was unreachable, or the store lost it
 
 
 # --- The registry and the shared store ---------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def state_of(deployment_id: int) -> str:
             breaker._merge(_view, _view_seq)
         return breaker.state
     shared = _view.get(deployment_id)  # never called here: as the process that opened it says
-    if shared is None:
+    if shared is None or shared.closed:
         return CLOSED
     return HALF_OPEN if time.time() - shared.opened_wall >= shared.recovery else OPEN
 
@@ -262,8 +263,12 @@ def _read_view(generation: int) -> None:
     view: dict[int, Shared] = {}
     for field, value in raw.items():
         try:
-            wall, failures, recovery = value.decode().split(":")
-            view[int(field)] = Shared(float(wall), int(failures), float(recovery))
+            kind, wall, *rest = value.decode().split(":")
+            if kind == "closed":
+                view[int(field)] = Shared(float(wall), 0, 0.0, closed=True)
+            else:
+                failures, recovery = rest
+                view[int(field)] = Shared(float(wall), int(failures), float(recovery))
         except ValueError:
             continue  # not ours to understand: ignore, don't fail the call
     with _lock:
@@ -275,10 +280,11 @@ def _read_view(generation: int) -> None:
 def _publish_open(breaker: CircuitBreaker) -> None:
     if not _shared_enabled() or breaker.opened_wall is None:
         return
-    wall, args = breaker.opened_wall, [breaker.deployment_id, breaker.opened_wall, breaker.failures, breaker.recovery]
+    wall = breaker.opened_wall
+    args = [breaker.deployment_id, wall, "open", f"open:{wall}:{breaker.failures}:{breaker.recovery}"]
 
     def publish() -> None:
-        seq = _run_script(_OPEN, args)
+        seq = _run_script(args)
         if seq is not None and breaker.opened_wall == wall:
             breaker.stored_wall, breaker.stored_seq = wall, seq
 
@@ -287,17 +293,18 @@ def _publish_open(breaker: CircuitBreaker) -> None:
 
 def _publish_close(deployment_id: int, opened_wall: float) -> None:
     if _shared_enabled():
-        _submit_and_maybe_wait(lambda: _run_script(_CLOSE, [deployment_id, opened_wall]))
+        args = [deployment_id, opened_wall, "closed", f"closed:{opened_wall}"]
+        _submit_and_maybe_wait(lambda: _run_script(args))
 
 
-def _run_script(script: str, args: list[Any]) -> int | None:
-    """Runs one of the scripts on the worker thread; returns its operation number, None if Redis failed."""
+def _run_script(args: list[Any]) -> int | None:
+    """Writes one deployment's pause on the worker thread; returns the operation number, None if Redis failed."""
     client = get_redis()
     if client is None or not redis_guard.available():
         return None
     seq = next(_op_seq)
     try:
-        client.eval(script, 1, redis_key("llm", "breakers"), *args)
+        client.eval(_WRITE, 1, redis_key("llm", "breakers"), *args)
     except Exception as exc:  # noqa: BLE001 - the breaker keeps working in this process
         redis_guard.failed("circuit breakers", exc)
         return None
