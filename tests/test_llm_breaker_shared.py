@@ -173,3 +173,14 @@ def test_without_redis_breakers_are_per_process(settings):
     assert breaker.state_of(71) == breaker.OPEN
     breaker.reset()
     assert breaker.state_of(71) == breaker.CLOSED
+
+
+def test_an_emptied_store_is_not_read_as_closed():
+    circuit = _breaker(81)
+    circuit.failure()
+    circuit.failure()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(redis_key("llm", "breakers"))  # Redis restarted empty, say
+    breaker.refresh()
+    assert breaker.state_of(81) == breaker.OPEN  # still open here, and written again for the others
+    assert client.hget(redis_key("llm", "breakers"), "81").startswith(b"open:")
