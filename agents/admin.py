@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -18,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from agents.models import Agent, Deployment, LLMModel, Provider
-from aiwriter.admin_display import DECIMAL_WIDGETS, money, show_money_read_only
+from aiwriter.admin_display import DECIMAL_WIDGETS, debug_result, money, show_money_read_only
 from usage import debug, pricing
 from usage.models import AdminDebugLog, ModelPrice
 
@@ -302,7 +301,7 @@ class AgentAdmin(admin.ModelAdmin):
             "agent": agent,
             "form": form,
             "log": log,
-            "log_result": json.dumps(log.result, indent=2, ensure_ascii=False, default=str) if log else "",
+            "log_result": debug_result(log.result) if log else "",
             "log_cost": money(log.cost) if log else "",
             "recent": [(entry, money(entry.cost)) for entry in recent],
         }

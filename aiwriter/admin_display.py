@@ -111,3 +111,12 @@ def messages_list(messages: Any) -> str:
                          ((m.get("role", "?") if isinstance(m, dict) else "?",
                            m.get("content", "") if isinstance(m, dict) else m) for m in messages)),
     )
+
+
+def debug_result(result: Any) -> str:
+    """A debug run's result as fields: a prompt preview's filled prompt as messages, the rest as a table (the reply
+    and the error are shown on their own)."""
+    data = result if isinstance(result, dict) else {"result": result}
+    if isinstance(data.get("messages"), list):
+        return format_html("{}{}", messages_list(data["messages"]), key_value_table(data, skip=("messages",)))
+    return key_value_table(data, skip=("content", "error"))

@@ -24,6 +24,7 @@ from django.utils.html import format_html, format_html_join
 from aiwriter.admin_display import (
     DECIMAL_WIDGETS,
     MoneyFieldsMixin,
+    debug_result,
     key_value_table,
     messages_list,
     money,
@@ -374,11 +375,7 @@ class AdminDebugLogAdmin(ReadOnlyAdmin):
 
     @admin.display(description="result")
     def result_display(self, obj: AdminDebugLog) -> str:
-        result = obj.result if isinstance(obj.result, dict) else {"result": obj.result}
-        if isinstance(result.get("messages"), list):  # a prompt preview: the filled prompt, as messages
-            return format_html("{}{}", messages_list(result["messages"]),
-                               key_value_table(result, skip=("messages",)))
-        return key_value_table(result, skip=("content", "error"))
+        return debug_result(obj.result)
 
 
 def billing_sync_command() -> str | None:
