@@ -41,6 +41,8 @@ class ProviderForm(forms.ModelForm):
         model = Provider
         fields = ["name", "kind", "base_url", "enabled", "weight", "rpm", "tpm", "max_concurrency", "timeout",
                   "max_retries", "breaker_failure_threshold", "breaker_recovery_seconds"]  # never api_key itself
+        # Not a login form: the browser must neither offer the operator's own username here nor warn about it.
+        widgets = {"name": forms.TextInput(attrs={"autocomplete": "off"})}
 
     def save(self, commit: bool = True) -> Provider:
         provider = super().save(commit=False)

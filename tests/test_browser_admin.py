@@ -117,7 +117,8 @@ def test_wide_admin_tables_fit_1280px(admin_page, web_server, operator, agent):
     deployment.save()
     page = admin_page
     for url in ("/admin/usage/usagerecord/", "/admin/agents/agent/", "/admin/agents/provider/",
-                f"/admin/agents/llmmodel/{agent.model.pk}/change/"):
+                f"/admin/agents/llmmodel/{agent.model.pk}/change/",
+                f"/admin/agents/provider/{deployment.provider_id}/change/"):
         page.goto(f"{web_server}{url}")
         page.wait_for_selector("#content")
         assert _page_width(page) <= 1280, url
