@@ -155,9 +155,17 @@ class CircuitBreaker:
 
 _breakers: dict[int, CircuitBreaker] = {}
 _lock = threading.Lock()
-_view: dict[int, Shared] = {}
-_view_version = 0  # bumped by each successful read of the store
-_view_seq = 0  # the store operation that read it
+
+
+class View(NamedTuple):
+    """The store as last read; replaced whole (one assignment), so a reader never sees half of two reads."""
+
+    version: int  # bumped by each successful read
+    seq: int  # the store operation that read it
+    shared: dict[int, Shared]
+
+
+_view = View(0, 0, {})
 _generation = 0  # bumped by reset(): a read started before it is dropped
 _next_refresh = 0.0  # time.monotonic() after which the view is read again
 _tried = False  # the store was read (or tried) since the start or reset
@@ -176,9 +184,7 @@ def get(deployment_id: int, *, threshold: int = 5, recovery: float = 30.0) -> Ci
                                                                          deployment_id=deployment_id))
     # Settings edited in the admin apply from the next call.
     breaker.threshold, breaker.recovery = threshold, recovery
-    if breaker.seen_version != _view_version:
-        breaker.seen_version = _view_version
-        breaker._merge(_view, _view_seq)
+    _catch_up(breaker)
     return breaker
 
 
@@ -186,14 +192,19 @@ def state_of(deployment_id: int) -> str:
     _maybe_refresh()
     breaker = _breakers.get(deployment_id)
     if breaker is not None:
-        if breaker.seen_version != _view_version:
-            breaker.seen_version = _view_version
-            breaker._merge(_view, _view_seq)
+        _catch_up(breaker)
         return breaker.state
-    shared = _view.get(deployment_id)  # never called here: as the process that opened it says
+    shared = _view.shared.get(deployment_id)  # never called here: as the process that opened it says
     if shared is None or shared.closed:
         return CLOSED
     return HALF_OPEN if time.time() - shared.opened_wall >= shared.recovery else OPEN
+
+
+def _catch_up(breaker: CircuitBreaker) -> None:
+    view = _view
+    if breaker.seen_version != view.version:
+        breaker.seen_version = view.version
+        breaker._merge(view.shared, view.seq)
 
 
 def refresh() -> None:
@@ -205,11 +216,11 @@ def refresh() -> None:
 
 def reset() -> None:
     """Forgets this process's breakers, as a restart does; the shared store keeps its state."""
-    global _view, _view_version, _view_seq, _generation, _next_refresh, _tried, _refreshing
+    global _view, _generation, _next_refresh, _tried, _refreshing
     _drain()
     with _lock:
         _breakers.clear()
-        _view, _view_version, _view_seq, _next_refresh, _tried, _refreshing = {}, 0, 0, 0.0, False, None
+        _view, _next_refresh, _tried, _refreshing = View(0, 0, {}), 0.0, False, None
         _generation += 1
 
 
@@ -249,7 +260,7 @@ def _maybe_refresh(*, wait: bool | None = None) -> None:
 
 
 def _read_view(generation: int) -> None:
-    global _view, _view_version, _view_seq, _tried
+    global _view, _tried
     client = get_redis()
     if client is None or not redis_guard.available():
         return
@@ -273,8 +284,7 @@ def _read_view(generation: int) -> None:
             continue  # not ours to understand: ignore, don't fail the call
     with _lock:
         if generation == _generation:
-            _view, _view_seq, _tried = view, seq, True
-            _view_version += 1
+            _view, _tried = View(_view.version + 1, seq, view), True
 
 
 def _publish_open(breaker: CircuitBreaker) -> None:
