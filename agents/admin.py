@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -18,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from agents.models import Agent, Deployment, LLMModel, Provider
-from aiwriter.admin_display import money
+from aiwriter.admin_display import DECIMAL_WIDGETS, debug_result, money, show_money_read_only
 from usage import debug, pricing
 from usage.models import AdminDebugLog, ModelPrice
 
@@ -42,6 +41,8 @@ class ProviderForm(forms.ModelForm):
         model = Provider
         fields = ["name", "kind", "base_url", "enabled", "weight", "rpm", "tpm", "max_concurrency", "timeout",
                   "max_retries", "breaker_failure_threshold", "breaker_recovery_seconds"]  # never api_key itself
+        # Not a login form: the browser must neither offer the operator's own username here nor warn about it.
+        widgets = {"name": forms.TextInput(attrs={"autocomplete": "off"})}
 
     def save(self, commit: bool = True) -> Provider:
         provider = super().save(commit=False)
@@ -100,18 +101,24 @@ class ProviderAdmin(admin.ModelAdmin):
 
     @admin.display(description="deployments")
     def health(self, obj: Provider) -> str:
+        from agents.llm import breaker
         from agents.selectors import deployment_health
 
         if obj.pk is None:
             return "—"
+        breaker.refresh()  # the breakers of every process, as they are now (not up to a second old)
         rows = deployment_health(provider_id=obj.pk)
         if not rows:
             return "No deployments yet."
         return format_html(
             '<table class="aiw-provider-health"><thead><tr><th>model</th><th>upstream model</th><th>status</th>'
-            "<th>latency</th><th>last check</th><th>last error</th></tr></thead><tbody>{}</tbody></table>",
-            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", (
+            "<th>circuit</th><th>latency</th><th>last check</th><th>last error</th></tr></thead><tbody>{}</tbody>"
+            "</table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                             "</tr>", (
                 (r.model, r.upstream_model, _health_badge(r.status),
+                 format_html('<span class="aiw-breaker aiw-breaker-{}">{}</span>', r.breaker_state,
+                             r.breaker_state.replace("_", "-")),
                  f"{r.response_time_ms} ms" if r.response_time_ms is not None else "—",
                  timezone.localtime(r.last_check).strftime("%Y-%m-%d %H:%M:%S") if r.last_check else "—",
                  r.last_error or "—") for r in rows)))
@@ -167,6 +174,8 @@ class ModelPriceForm(forms.ModelForm):
         # "From now" unless told otherwise; the hidden initial keeps an untouched blank row from counting as a change.
         self.fields["effective_from"].initial = timezone.now
         self.fields["effective_from"].show_hidden_initial = True
+        if self.instance.pk is not None:  # a past row, shown read-only
+            show_money_read_only(self, ("input_per_million", "cached_input_per_million", "output_per_million"))
 
 
 class ModelPriceInline(admin.TabularInline):
@@ -174,6 +183,7 @@ class ModelPriceInline(admin.TabularInline):
 
     model = ModelPrice
     form = ModelPriceForm
+    formfield_overrides = DECIMAL_WIDGETS
     extra = 1
     can_delete = False
     verbose_name = "price (per million tokens)"
@@ -254,6 +264,7 @@ class AgentAdmin(admin.ModelAdmin):
     list_select_related = ["model", "fallback_model"]
     search_fields = ["slug", "name"]
     prepopulated_fields = {"slug": ["name"]}
+    formfield_overrides = DECIMAL_WIDGETS
     autocomplete_fields = ["model", "fallback_model"]
 
     @admin.display(description="debug")
@@ -292,7 +303,8 @@ class AgentAdmin(admin.ModelAdmin):
             "agent": agent,
             "form": form,
             "log": log,
-            "log_result": json.dumps(log.result, indent=2, ensure_ascii=False, default=str) if log else "",
-            "recent": recent,
+            "log_result": debug_result(log.result) if log else "",
+            "log_cost": money(log.cost) if log else "",
+            "recent": [(entry, money(entry.cost)) for entry in recent],
         }
         return TemplateResponse(request, "admin/agents/agent/debug.html", context)

@@ -7,8 +7,11 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from django import forms
 from django.contrib import admin
-from django.utils.html import format_html, format_html_join
+from django.db import models
+from django.utils.html import escape, format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from aiwriter.money import money_str
 
@@ -27,6 +30,39 @@ def money_column(field: str, description: str | None = None) -> Callable[[Any, A
         return "—" if value is None else money(value)
 
     return show
+
+
+class MoneyInput(forms.NumberInput):
+    """An editable money field shows its value as typed (`7.5`), not with its ten stored places."""
+
+    def format_value(self, value: Any) -> str | None:
+        if isinstance(value, Decimal):
+            return money(value)
+        return super().format_value(value)
+
+
+class MoneyText(forms.Widget):
+    """A money value as text where the admin shows a form field read-only.
+
+    Django's AdminReadonlyField renders a read-only field through its widget when the widget says `read_only`
+    (the hook contrib.auth's password hash uses) instead of `display_for_field`, which keeps all ten places.
+    """
+
+    read_only = True
+
+    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> SafeString:
+        return escape("—" if value in (None, "") else money(value) if isinstance(value, Decimal) else value)
+
+
+# Every Decimal field of an admin form edits through MoneyInput (for temperature too: `0.7`, not `0.70`).
+DECIMAL_WIDGETS: dict[type[models.Field], dict[str, Any]] = {models.DecimalField: {"widget": MoneyInput}}
+
+
+def show_money_read_only(form: forms.BaseForm, names: tuple[str, ...]) -> None:
+    """A past row of an inline (shown read-only) renders these money fields in the one format."""
+    for name in names:
+        if name in form.fields:
+            form.fields[name].widget = MoneyText()
 
 
 class MoneyFieldsMixin:
@@ -75,3 +111,12 @@ def messages_list(messages: Any) -> str:
                          ((m.get("role", "?") if isinstance(m, dict) else "?",
                            m.get("content", "") if isinstance(m, dict) else m) for m in messages)),
     )
+
+
+def debug_result(result: Any) -> str:
+    """A debug run's result as fields: a prompt preview's filled prompt as messages, the rest as a table (the reply
+    and the error are shown on their own)."""
+    data = result if isinstance(result, dict) else {"result": result}
+    if isinstance(data.get("messages"), list):
+        return format_html("{}{}", messages_list(data["messages"]), key_value_table(data, skip=("messages",)))
+    return key_value_table(data, skip=("content", "error"))

@@ -7,6 +7,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from aiwriter.admin_display import MoneyFieldsMixin, money_column
 from conversations.models import Conversation, Message
 
 
@@ -15,9 +16,10 @@ class MessageInline(admin.TabularInline):
     extra = 0
     can_delete = False
     fields = ["sequence", "role", "status", "short_content", "model_name", "prompt_tokens", "completion_tokens",
-              "cost", "created_at"]
+              "cost_display", "created_at"]
     readonly_fields = fields
     ordering = ["sequence"]
+    cost_display = money_column("cost", "cost")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -50,9 +52,11 @@ class ConversationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(MoneyFieldsMixin, admin.ModelAdmin):
     list_display = ["id", "conversation", "role", "status", "model_name", "provider_name", "prompt_tokens",
-                    "completion_tokens", "cost", "fallback", "created_at"]
+                    "completion_tokens", "cost_display", "fallback", "created_at"]
+    money_fields = ("cost",)
+    cost_display = money_column("cost", "cost")
     list_filter = ["status", "role", "fallback", "model_name", "created_at"]
     list_select_related = ["conversation"]
     search_fields = ["content", "conversation__owner__username"]

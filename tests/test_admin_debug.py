@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 from django.urls import reverse
 
+from aiwriter.money import money_str
 from tests.factories import make_agent, make_fake_model
 from usage.models import AdminDebugLog, LedgerEntry, UsageRecord
 
@@ -39,7 +40,7 @@ def test_execution_test_shows_the_result_and_its_logged_cost(operator_client, op
     assert log.cost > 0 and log.prompt_tokens > 0 and log.completion_tokens > 0
     body = response.content.decode()
     assert 'id="debug-result"' in body
-    assert f'<td class="debug-cost">{log.cost}</td>' in body
+    assert f'<td class="debug-cost">{money_str(log.cost)}</td>' in body
     assert "Hello from the &lt;b&gt;debug&lt;/b&gt; run." in body  # the reply is shown as text
     # Logged with its cost, charged to nobody.
     record = UsageRecord.objects.get()
@@ -77,3 +78,16 @@ def test_runs_appear_in_the_debug_log_admin(operator_client, agent):
     response = operator_client.get(reverse("admin:usage_admindebuglog_changelist"))
     assert response.status_code == 200
     assert b"Execution test" in response.content and b"debug-model" in response.content
+
+
+def test_the_debug_tool_shows_its_result_as_fields_not_a_json_blob(operator_client, agent):
+    """Issue 14: debug runs shown readably, on the tool's page as in the debug log."""
+    body = operator_client.post(_url(agent), {"action": "preview", "message": "Draft <a> note"}).content.decode()
+    fields = body.split('id="debug-fields">')[1].split('<p><a href=')[0]
+    assert '<div class="aiw-message"><strong>system</strong>' in fields
+    assert '<div class="aiw-text">Draft &lt;a&gt; note</div>' in fields  # the user's text, escaped
+    assert "<tr><th>prompt_tokens</th>" in fields
+    assert "&quot;messages&quot;" not in body and '"messages":' not in body  # no JSON blob
+    body = operator_client.post(_url(agent), {"action": "run", "message": "Say hi"}).content.decode()
+    fields = body.split('id="debug-fields">')[1].split('<p><a href=')[0]
+    assert "<tr><th>finish_reason</th><td>stop</td></tr>" in fields and "<tr><th>content</th>" not in fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from decimal import Decimal
 
@@ -29,7 +30,11 @@ def test_model_page_shows_deployments_and_price_history(operator_client):
     body = response.content.decode()
     assert 'id="deployments-group"' in body
     assert 'id="prices-group"' in body
-    assert "1.5000000000" in body and "6.0000000000" in body
+    past = body.split('id="prices-0"')[1].split("</tr>")[0]
+    # The past row in the one money format (aiwriter.money), as the rest of the admin: not 1.5000000000.
+    assert re.search(r'field-input_per_million">\s*<p>1\.5</p>', past)
+    assert re.search(r'field-output_per_million">\s*<p>6</p>', past)
+    assert "0000" not in body.split('id="prices-group"')[1].split("</fieldset>")[0]
     # The past row is shown read-only: no input for its price.
     assert 'name="prices-0-input_per_million"' not in body
     assert 'name="prices-1-input_per_million"' in body  # the empty row for a new price

@@ -96,3 +96,17 @@ def test_a_stored_probe_survives_a_restart(operator_client, fake_upstream):
     body = operator_client.get(reverse("admin-dashboard")).content.decode()
     row = body.split('<tr class="deployment">')[1].split("</tr>")[0]
     assert '<span class="state state-healthy">healthy</span>' in row
+
+
+@pytest.mark.redis
+def test_a_breaker_opened_by_another_process_shows_on_the_provider_page(operator_client, fake_upstream):
+    model = make_fake_model(fake_upstream, "tripped-model")
+    deployment = model.deployments.get()
+    breaker.get(deployment.pk, threshold=1).failure()  # opened by the serving process...
+    _restart()  # ...seen from a process that never called it (a restart, or the admin's own process)
+    page = operator_client.get(reverse("admin:agents_provider_change", args=[deployment.provider.pk])).content.decode()
+    assert '<span class="aiw-health aiw-health-unhealthy">unhealthy</span>' in page
+    assert '<span class="aiw-breaker aiw-breaker-open">open</span>' in page
+    body = operator_client.get(reverse("admin-dashboard")).content.decode()
+    row = body.split('<tr class="deployment">')[1].split("</tr>")[0]
+    assert '<span class="state state-open">open</span>' in row

@@ -8,6 +8,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
+from aiwriter.money import money_str
 from tests.factories import make_agent, make_fake_model
 from tests.fixtures_web import admin_login
 from usage.models import AdminDebugLog, UsageRecord
@@ -59,7 +60,7 @@ def test_operator_runs_an_execution_test_and_finds_it_in_debug_logs(admin_page, 
     assert "Debug reply from the upstream." in page.inner_text("#debug-reply")
     log = AdminDebugLog.objects.get(action="run")
     assert log.cost > 0
-    assert page.inner_text("td.debug-cost") == str(log.cost)
+    assert page.inner_text("td.debug-cost") == money_str(log.cost)
     assert UsageRecord.objects.get().debug is True
 
     page.click("text=Open this entry in the debug log")
@@ -116,7 +117,8 @@ def test_wide_admin_tables_fit_1280px(admin_page, web_server, operator, agent):
     deployment.save()
     page = admin_page
     for url in ("/admin/usage/usagerecord/", "/admin/agents/agent/", "/admin/agents/provider/",
-                f"/admin/agents/llmmodel/{agent.model.pk}/change/"):
+                f"/admin/agents/llmmodel/{agent.model.pk}/change/",
+                f"/admin/agents/provider/{deployment.provider_id}/change/"):
         page.goto(f"{web_server}{url}")
         page.wait_for_selector("#content")
         assert _page_width(page) <= 1280, url

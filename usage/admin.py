@@ -21,7 +21,15 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from aiwriter.admin_display import MoneyFieldsMixin, key_value_table, messages_list, money, money_column
+from aiwriter.admin_display import (
+    DECIMAL_WIDGETS,
+    MoneyFieldsMixin,
+    debug_result,
+    key_value_table,
+    messages_list,
+    money,
+    money_column,
+)
 from aiwriter.errors import ApiError
 from aiwriter.money import money_str
 from usage import csv_export, periods
@@ -73,6 +81,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
               "created_at", "last_used_at", "revoked_at", "month_spend"]
     readonly_fields = ["user", "prefix", "created_at", "last_used_at", "revoked_at", "month_spend"]
     filter_horizontal = ["allowed_models"]
+    formfield_overrides = DECIMAL_WIDGETS
     actions = ["revoke_keys"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -220,7 +229,7 @@ class CreditAccountAdmin(admin.ModelAdmin):
             except ApiError as exc:  # e.g. an adjustment below what is held for calls in flight
                 form.add_error(None, exc.message)
             else:
-                self.message_user(request, f"Added {data['amount']} {settings.CURRENCY} to {data['user']}.",
+                self.message_user(request, f"Added {money(data['amount'])} {settings.CURRENCY} to {data['user']}.",
                                   messages.SUCCESS)
                 return HttpResponseRedirect(reverse("admin:usage_creditaccount_changelist"))
         context = {**self.admin_site.each_context(request), "opts": self.model._meta, "title": "Top up a user",
@@ -255,6 +264,7 @@ class QuotaAdmin(admin.ModelAdmin):
     list_select_related = ["user"]
     search_fields = ["user__username", "project"]
     autocomplete_fields = ["user"]
+    formfield_overrides = DECIMAL_WIDGETS
 
     @admin.display(description="project", ordering="project")
     def project_display(self, obj: Quota) -> str:
@@ -365,11 +375,7 @@ class AdminDebugLogAdmin(ReadOnlyAdmin):
 
     @admin.display(description="result")
     def result_display(self, obj: AdminDebugLog) -> str:
-        result = obj.result if isinstance(obj.result, dict) else {"result": obj.result}
-        if isinstance(result.get("messages"), list):  # a prompt preview: the filled prompt, as messages
-            return format_html("{}{}", messages_list(result["messages"]),
-                               key_value_table(result, skip=("messages",)))
-        return key_value_table(result, skip=("content", "error"))
+        return debug_result(obj.result)
 
 
 def billing_sync_command() -> str | None:
