@@ -109,6 +109,14 @@ class LoopASGIHandler(ASGIHandler):
             await self._close(response)
         body_file.close()
 
+    def adapt_method_mode(self, is_async: bool, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """A middleware's own async process_view (`aprocess_view`, aiwriter.asyncmw) instead of Django wrapping its
+        sync one in a thread hop: for /v1 (exempt from CSRF) that hop was the request's only one."""
+        own_async = getattr(getattr(method, "__self__", None), "aprocess_view", None)
+        if is_async and own_async is not None and getattr(method, "__name__", "") == "process_view":
+            return own_async
+        return super().adapt_method_mode(is_async, method, *args, **kwargs)
+
     async def _request_started(self, scope: dict[str, Any]) -> None:
         if _loop_safe(signals.request_started, self.__class__):
             signals.request_started.send(sender=self.__class__, scope=scope)

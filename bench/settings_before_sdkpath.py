@@ -4,7 +4,8 @@
 
 Puts back, in the server that loads these settings only, (1) the typed SDK call (`chat.completions.create`: a
 request-body transform per call and a pydantic ChatCompletionChunk per chunk) and (2) Django's stock ASGIHandler
-(request_started and the response's close through a thread hop each, in a new worker thread per request).
+(request_started, CSRF's process_view and the response's close through a thread hop each, in a new worker thread
+per request).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.base import BaseHandler
 
 from agents.llm import providers
 from agents.llm.types import ChatRequest, TextDelta, Usage
@@ -62,3 +64,4 @@ async def _typed_stream(self: Any, request: ChatRequest,
 providers.OpenAICompatibleProvider.stream = _typed_stream  # type: ignore[method-assign]
 asgi_handler.LoopASGIHandler.__call__ = ASGIHandler.__call__  # type: ignore[method-assign]
 asgi_handler.LoopASGIHandler.handle = ASGIHandler.handle  # type: ignore[method-assign, assignment]
+asgi_handler.LoopASGIHandler.adapt_method_mode = BaseHandler.adapt_method_mode  # type: ignore[method-assign]
