@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from django.conf import settings
@@ -146,23 +147,25 @@ class OpenAICompatibleProvider:
             raise map_error(exc, self.api_key) from None
         usage: Usage | None = None
         chunks = response.aiter_bytes()
+        done = False
         try:
-            async for data in sse.events(chunks):
-                if data.startswith(sse.DONE):
-                    await _drain(chunks)
-                    break
-                chunk = sse.decode(data)
-                if chunk.get("error"):
-                    raise _stream_error(chunk["error"], response)
-                delta = _delta(chunk)
-                if delta is not None:
-                    yield delta
-                reported = chunk.get("usage")
-                if reported:
-                    details = reported.get("prompt_tokens_details") or {}
-                    usage = Usage(prompt_tokens=reported.get("prompt_tokens") or 0,
-                                  completion_tokens=reported.get("completion_tokens") or 0,
-                                  cached_prompt_tokens=details.get("cached_tokens") or 0)
+            async with aclosing(sse.events(chunks)) as events:
+                async for data in events:
+                    if data.startswith(sse.DONE):
+                        done = True
+                        break
+                    chunk = sse.decode(data)
+                    if chunk.get("error"):
+                        raise _stream_error(chunk["error"], response)
+                    try:
+                        delta, reported = _delta(chunk), _usage(chunk)
+                    except (AttributeError, TypeError, KeyError) as exc:  # a field of an unexpected type
+                        raise ValueError(f"unexpected chunk: {exc}") from None
+                    if delta is not None:
+                        yield delta
+                    usage = reported or usage
+            if done:
+                await _drain(chunks)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to LLMError or re-raised
@@ -191,6 +194,17 @@ def _delta(chunk: dict[str, Any]) -> TextDelta | None:
     if not (text or pieces or finish_reason):  # the finish_reason rides on its own piece
         return None
     return TextDelta(text or "", finish_reason=finish_reason, tool_calls=pieces)
+
+
+def _usage(chunk: dict[str, Any]) -> Usage | None:
+    """The usage the chunk reports (the last one, with stream_options.include_usage), else None."""
+    reported = chunk.get("usage")
+    if not reported:
+        return None
+    details = reported.get("prompt_tokens_details") or {}
+    return Usage(prompt_tokens=reported.get("prompt_tokens") or 0,
+                 completion_tokens=reported.get("completion_tokens") or 0,
+                 cached_prompt_tokens=details.get("cached_tokens") or 0)
 
 
 def _without_none(value: dict[str, Any]) -> dict[str, Any]:

@@ -9,13 +9,13 @@ the end of the body is dropped. Lines end with LF or CRLF (what OpenAI-compatibl
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 DONE = b"[DONE]"
 
 
-async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def events(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
     """The data of each event, as bytes (`[DONE]` included: the caller decides when to stop)."""
     pending = b""
     data: list[bytes] = []
