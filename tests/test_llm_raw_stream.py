@@ -31,6 +31,7 @@ async def upstream():
 
     async def completions(request: web.Request) -> web.StreamResponse:
         await request.read()
+        assert request.transport is not None
         state["peers"].append(request.transport.get_extra_info("peername")[1])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -51,7 +52,7 @@ async def upstream():
         state["body"] = body
         return adapter
 
-    serve.peers = state["peers"]  # type: ignore[attr-defined]
+    serve.peers = state["peers"]
     yield serve
     await adapter.client.close()
     await runner.cleanup()
