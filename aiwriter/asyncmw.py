@@ -6,7 +6,8 @@ sync_to_async: with the stock stack that is 13 hops into the one thread-sensitiv
 machine. These subclasses run those steps on the event loop instead, because here they only touch
 the request, the response and settings. Where a step may reach the database (saving a modified
 session, messages that fall back to the session, CSRF_USE_SESSIONS) it still goes through the thread,
-exactly as before. Sync mode (WSGI, the sync test client) is unchanged.
+exactly as before. Sync mode (WSGI, the sync test client) is unchanged. CSRF's process_view, which the handler
+calls (and wraps in a hop of its own), has an async twin `aprocess_view` that aiwriter.asgi_handler uses.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ class CsrfViewMiddleware(InlineAsyncMixin, csrf.CsrfViewMiddleware):
 
     def _response_needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
         return settings.CSRF_USE_SESSIONS
+
+    def _view_needs_thread(self, request: HttpRequest, callback: Any) -> bool:
+        # process_view returns at once for an exempt view (/v1: bearer keys, no cookies) or a safe method; a checked
+        # POST reads the form body (maybe spooled to disk) and, with CSRF_USE_SESSIONS, the session.
+        if settings.CSRF_USE_SESSIONS:
+            return True
+        return not (getattr(request, "csrf_processing_done", False) or getattr(callback, "csrf_exempt", False)
+                    or request.method in ("GET", "HEAD", "OPTIONS", "TRACE"))
+
+    async def aprocess_view(self, request: HttpRequest, callback: Any, callback_args: Any,
+                            callback_kwargs: Any) -> HttpResponseBase | None:
+        """process_view for the async handler (aiwriter.asgi_handler picks it): on the loop unless it may do I/O."""
+        if self._view_needs_thread(request, callback):
+            return await sync_to_async(self.process_view, thread_sensitive=True)(request, callback, callback_args,
+                                                                                 callback_kwargs)
+        return self.process_view(request, callback, callback_args, callback_kwargs)
 
 
 class AuthenticationMiddleware(InlineAsyncMixin, auth.AuthenticationMiddleware):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from django.conf import settings
 
-from agents.llm import tokens
+from agents.llm import sse, tokens
 from agents.llm.types import BadUpstreamRequest, ChatRequest, LLMError, RateLimited, TextDelta, UpstreamTimeout, Usage
 
 
@@ -46,6 +48,10 @@ class DemoProvider:
             yield TextDelta(encoding.decode(token_ids[start:start + 3]))
         yield Usage(prompt_tokens=tokens.count_messages(request.messages, upstream_model),
                     completion_tokens=len(token_ids), source="measured")
+
+
+# What the SDK's own stream allows for the end of the body after [DONE].
+_DRAIN_SECONDS = 0.1
 
 
 def redact(text: str, secret: str) -> str:
@@ -94,7 +100,12 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class OpenAICompatibleProvider:
-    """Any OpenAI-compatible endpoint, through the official SDK with our base_url."""
+    """Any OpenAI-compatible endpoint, through the official SDK with our base_url.
+
+    The SDK's low-level `post` sends the call (its auth, base_url, timeouts, connection pool and status errors) and
+    hands back the raw streamed response; we read its events as plain dicts (agents/llm/sse.py). The typed
+    `chat.completions.create` cost a request-body transform per call and pydantic objects per chunk: about a third of
+    the server's CPU for a /v1 call (docs/BENCHMARKS.md)."""
 
     def __init__(self, *, base_url: str = "", api_key: str = "", timeout: float = 60.0,
                  client: Any = None) -> None:
@@ -107,9 +118,10 @@ class OpenAICompatibleProvider:
         self.client = client or openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none",
                                                    timeout=timeout, max_retries=0)
 
-    async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
-        """Deltas, then Usage if the upstream reported it. Failures raise LLMError (see map_error)."""
-        params: dict[str, Any] = {
+    @staticmethod
+    def body(request: ChatRequest, upstream_model: str) -> dict[str, Any]:
+        """The JSON body: the request's fields that are set, then its extra fields over them (as `extra_body`)."""
+        body: dict[str, Any] = {
             "model": upstream_model,
             "messages": request.messages,
             "stream": True,
@@ -119,38 +131,114 @@ class OpenAICompatibleProvider:
                      "parallel_tool_calls"):
             value = getattr(request, name)
             if value is not None:
-                params[name] = value
+                body[name] = value
         if request.extra:
-            params["extra_body"] = request.extra
+            body.update(request.extra)
+        return body
+
+    async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
+        """Deltas, then Usage if the upstream reported it. Failures raise LLMError (see map_error)."""
+        import httpx2
+
         try:
-            stream = await self.client.chat.completions.create(**params)
+            response = await self.client.post("/chat/completions", cast_to=httpx2.Response,
+                                              body=self.body(request, upstream_model), stream=True)
         except Exception as exc:  # noqa: BLE001 - mapped to LLMError or re-raised
             raise map_error(exc, self.api_key) from None
         usage: Usage | None = None
+        chunks = response.aiter_bytes()
+        done = False
         try:
-            async for chunk in stream:
-                if chunk.choices:
-                    choice = chunk.choices[0]
-                    text = choice.delta.content if choice.delta is not None else None
-                    calls = choice.delta.tool_calls if choice.delta is not None else None
-                    pieces = [call.model_dump(exclude_none=True) for call in calls] if calls else None
-                    if text or pieces or choice.finish_reason:  # the finish_reason rides on its own piece
-                        yield TextDelta(text or "", finish_reason=choice.finish_reason, tool_calls=pieces)
-                if chunk.usage is not None:
-                    details = getattr(chunk.usage, "prompt_tokens_details", None)
-                    usage = Usage(
-                        prompt_tokens=chunk.usage.prompt_tokens or 0,
-                        completion_tokens=chunk.usage.completion_tokens or 0,
-                        cached_prompt_tokens=(getattr(details, "cached_tokens", 0) or 0) if details else 0,
-                    )
+            async with aclosing(sse.events(chunks)) as events:
+                async for data in events:
+                    if data.startswith(sse.DONE):
+                        done = True
+                        break
+                    chunk = sse.decode(data)
+                    if chunk.get("error"):
+                        raise _stream_error(chunk["error"], response)
+                    try:
+                        delta, reported = _delta(chunk), _usage(chunk)
+                    except (AttributeError, TypeError, KeyError) as exc:  # a field of an unexpected type
+                        raise ValueError(f"unexpected chunk: {exc}") from None
+                    if delta is not None:
+                        yield delta
+                    usage = reported or usage
+            if done:
+                await _drain(chunks)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to LLMError or re-raised
-            raise map_error(exc, self.api_key) from None
+            raise map_error(_as_sdk_error(exc, response), self.api_key) from None
         finally:
             try:
-                await stream.close()
+                await response.aclose()
             except Exception:  # noqa: BLE001, S110 - closing a dead connection may fail; nothing to do
                 pass
         if usage is not None:
             yield usage
+
+
+def _delta(chunk: dict[str, Any]) -> TextDelta | None:
+    """The chunk's first choice as a TextDelta; None when it carries no text, function call nor finish_reason."""
+    choices = chunk.get("choices")
+    if not choices:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    text = delta.get("content")
+    calls = delta.get("tool_calls")
+    # Unset fields left out, as the SDK's model_dump(exclude_none=True) did.
+    pieces = [_without_none(call) for call in calls] if calls else None
+    finish_reason = choice.get("finish_reason")
+    if not (text or pieces or finish_reason):  # the finish_reason rides on its own piece
+        return None
+    return TextDelta(text or "", finish_reason=finish_reason, tool_calls=pieces)
+
+
+def _usage(chunk: dict[str, Any]) -> Usage | None:
+    """The usage the chunk reports (the last one, with stream_options.include_usage), else None."""
+    reported = chunk.get("usage")
+    if not reported:
+        return None
+    details = reported.get("prompt_tokens_details") or {}
+    return Usage(prompt_tokens=reported.get("prompt_tokens") or 0,
+                 completion_tokens=reported.get("completion_tokens") or 0,
+                 cached_prompt_tokens=details.get("cached_tokens") or 0)
+
+
+def _without_none(value: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in value.items() if v is not None}
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Reads what follows [DONE] (the body's end) so HTTP/1.1 can reuse the connection, briefly, as the SDK does."""
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
+    except Exception:  # noqa: BLE001, S110 - the reply is complete; the connection is then closed, not reused
+        pass
+
+
+def _stream_error(error: Any, response: Any) -> Exception:
+    """An `{"error": ...}` event inside the stream: the SDK's APIError, with the upstream's message."""
+    import openai
+
+    message = error.get("message") if isinstance(error, dict) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    return openai.APIError(message, response.request, body=error)
+
+
+def _as_sdk_error(exc: Exception, response: Any) -> Exception:
+    """A transport failure mid-stream as the SDK's stream raised it (timeout / connection error)."""
+    import anyio
+    import httpx2
+    import openai
+
+    if isinstance(exc, httpx2.TimeoutException):
+        return openai.APITimeoutError(request=response.request)
+    if isinstance(exc, httpx2.RequestError | ssl.SSLError | anyio.EndOfStream):
+        return openai.APIConnectionError(request=response.request)
+    return exc

@@ -310,9 +310,12 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
                     if wait <= 0:
                         raise _deadline_error(request)
                 try:
-                    # asyncio.timeout, not wait_for: the generator keeps running in this task (no task hop).
-                    async with asyncio.timeout(wait):
+                    if wait is None:  # no deadline, or past the first token of a stream: no timer per chunk
                         item = await upstream.__anext__()
+                    else:
+                        # asyncio.timeout, not wait_for: the generator keeps running in this task (no task hop).
+                        async with asyncio.timeout(wait):
+                            item = await upstream.__anext__()
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
