@@ -7,11 +7,30 @@ import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from django.db import connection
+from django.conf import settings
+from django.db import connection, connections
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def vendor() -> str:
+    """The default database's vendor ("postgresql", "sqlite"), without the per-thread connection lookup that
+    `connection.vendor` costs on every call of the hot path."""
+    return _vendor_of(settings.DATABASES["default"]["ENGINE"])
+
+
+@functools.cache
+def _vendor_of(engine: str) -> str:
+    return connections["default"].vendor
+
+
+@functools.cache
+def quote_name(name: str) -> str:
+    """`connection.ops.quote_name`, memoised: a process has one default backend, and the hot path's raw SQL
+    quotes the same few names on every call."""
+    return connections["default"].ops.quote_name(name)
 
 
 def release_connection() -> None:

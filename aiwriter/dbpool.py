@@ -43,6 +43,7 @@ from django.conf import settings
 from django.db import connections, utils
 from psycopg.pq import TransactionStatus
 
+from aiwriter.db import vendor
 from aiwriter.observability import add_db_query
 
 __all__ = ["PoolTimeout", "close", "close_all", "connection", "django_error", "enabled", "execute_fetchone",
@@ -65,7 +66,7 @@ def enabled() -> bool:
     made for one sync caller and closed after it: a pool there would open connections for a single call and
     leave them behind, so those callers keep the sync path they came from.
     """
-    return (bool(getattr(settings, "DB_ASYNC_POOL", False)) and connections["default"].vendor == "postgresql"
+    return (bool(getattr(settings, "DB_ASYNC_POOL", False)) and vendor() == "postgresql"
             and threading.current_thread() is threading.main_thread())
 
 

@@ -328,6 +328,9 @@ LOGGING = {
     "loggers": {
         "django.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        # The SDK's HTTP client logs a line per upstream request at INFO: our own call log already says it.
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
     },
 }
 if LOG_FORMAT == "json":

@@ -14,6 +14,7 @@ from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
 from agents.llm import tokens
+from aiwriter.db import vendor as db_vendor
 from aiwriter.money import ZERO, call_cost
 from usage import periods, pricing
 from usage.billing.calls import CallPlan, call_meta
@@ -135,7 +136,7 @@ def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPl
     if amount <= 0:
         return plan  # free models need no balance
     context = hold_context(ctx, request, started_at, period)
-    if connection.vendor == "postgresql":
+    if db_vendor() == "postgresql":
         reservation_id = _hold_and_reserve(user_id, amount, context)
         if reservation_id is not None:
             plan.reservation_id, plan.reserved = reservation_id, amount

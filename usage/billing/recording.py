@@ -14,6 +14,7 @@ from django.db import DataError, connection, transaction
 from django.db.models.signals import post_save
 from django.utils import timezone
 
+from aiwriter.db import vendor as db_vendor
 from aiwriter.money import ZERO, call_cost
 from usage import pricing
 from usage.billing.calls import CallMeta, CallOutcome, CallPlan
@@ -60,7 +61,7 @@ def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -> tupl
     charge = outcome.billable and not debug
     now = timezone.now()
     user_id = meta.user_id
-    if connection.vendor == "postgresql" and not debug:
+    if db_vendor() == "postgresql" and not debug:
         try:
             return _record_call_pg(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge, now=now)
         except _SlowPath:

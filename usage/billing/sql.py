@@ -5,19 +5,18 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection
-
+from aiwriter.db import quote_name, vendor
 from aiwriter.money import quantize
 
 # --- Raw SQL helpers: upserts that increment, conditional updates that return ----------------------------------------
 
 def _q(name: str) -> str:
-    return connection.ops.quote_name(name)
+    return quote_name(name)
 
 
 def _num(value: Decimal) -> Decimal | str:
     # SQLite compares a bare text parameter as text; CAST(... AS NUMERIC) makes it a number on both backends.
-    return str(value) if connection.vendor == "sqlite" else value
+    return str(value) if vendor() == "sqlite" else value
 
 
 def _dec(value: Any) -> Decimal:
