@@ -43,12 +43,6 @@ def output_reserve(agent: Agent) -> int:
     return min(wanted, agent.model.context_window // 2)
 
 
-def build_request(*, conversation: Conversation, user_message: Message, user: Any,
-                  api_key: Any = None) -> ChatRequest:
-    """Sync (touches the database); call through sync_to_async from async code."""
-    return build_call(conversation=conversation, user_message=user_message, user=user, api_key=api_key)[1]
-
-
 @dataclass
 class BuiltPrompt:
     target: Target  # the conversation's agent, for the call pipeline
@@ -61,17 +55,10 @@ def load_agent(agent_id: int) -> Agent:
     return Agent.objects.select_related("model", "fallback_model").get(pk=agent_id)
 
 
-def build_call(*, conversation: Conversation, user_message: Message, user: Any,
-               api_key: Any = None) -> tuple[Target, ChatRequest]:
-    """The reply's target (the conversation's agent, for the call pipeline) and its request. Sync (touches the
-    database); call through sync_to_async from async code."""
-    built = build_prompt(conversation=conversation, user_message=user_message, user=user, api_key=api_key)
-    return built.target, built.request
-
-
 def build_prompt(*, conversation: Conversation, user_message: Message, user: Any,
                  api_key: Any = None) -> BuiltPrompt:
-    """build_call through the ORM (SQLite, the pool off or busy). Sync."""
+    """The reply's target (the conversation's agent, for the call pipeline) and its request, read through the ORM
+    (SQLite, the pool off or busy). Sync: from async code, call build_prompt_async."""
     agent = load_agent(conversation.agent_id)
     hits = memory.search_memory(user=user, query=user_message.content, exclude_conversation_id=conversation.pk)
     history = [(m.role, m.content)
