@@ -187,6 +187,23 @@ async def test_without_the_pool_the_async_build_is_the_sync_one(settings):
     assert _summary(by_sync) == _summary(await sync_to_async(prompt.build_prompt)(**kwargs))
 
 
+async def test_with_no_free_pool_connection_both_steps_take_the_sync_path(settings):
+    alice, agent, _ = await sync_to_async(_memory_world)()
+    conversation, user_message = await sync_to_async(_conversation_with_history)(agent, alice, 2)
+    exchange = await sync_to_async(_exchange)("busy")
+    settings.DB_ASYNC_POOL_MAX, settings.DB_ASYNC_POOL_TIMEOUT = 1, 0.05
+    kwargs = dict(conversation=conversation, user_message=user_message, user=alice)
+    try:
+        async with dbpool.connection():  # the loop's only connection, taken
+            built = await prompt.build_prompt_async(**kwargs)
+            await hotpath.checkpoint(exchange, "Still here")
+        assert (await dbpool.get_pool()).get_stats()["requests_errors"] == 2
+        assert _summary(built) == _summary(await sync_to_async(prompt.build_prompt)(**kwargs))
+        assert (await sync_to_async(_saved)(exchange))[:2] == ("processing", "Still here")
+    finally:
+        await hotpath.release_lock(exchange)
+
+
 # --- the heartbeat ----------------------------------------------------------------------------------------------
 
 def _exchange(name: str) -> services.Exchange:
