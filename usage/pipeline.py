@@ -85,7 +85,11 @@ def check_context(request: ChatRequest, target: Target, need_count: bool) -> int
     window = target.model.context_window
     if not need_count and (not window or chars <= window):
         return None
-    prompt_tokens = tokens.count_messages(request.messages, target.model.name)
+    return _within_window(tokens.count_messages(request.messages, target.model.name), target)
+
+
+def _within_window(prompt_tokens: int, target: Target) -> int:
+    window = target.model.context_window
     if window and prompt_tokens > window:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {window} tokens; the messages take {prompt_tokens}.")
@@ -117,9 +121,8 @@ def prepare_request(target: Target, request: ChatRequest, *, account: Any, api_k
     tokenizer. No query."""
     if prompt_tokens is None:
         prompt_tokens = check_context(request, target, need_count=False)
-    elif target.model.context_window and prompt_tokens > target.model.context_window:
-        raise ContextLengthExceeded(f"This model's maximum context length is {target.model.context_window} tokens; "
-                                    f"the messages take {prompt_tokens}.")
+    else:
+        _within_window(prompt_tokens, target)
     ctx = CallContext(user=account, entry_point=entry_point, api_key=api_key, project=project, agent=target.agent,
                       conversation=conversation, message=message)
     return PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=prompt_tokens, hold=hold)
