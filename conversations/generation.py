@@ -92,7 +92,8 @@ _STATUS_CODES = {
 }
 # Refusals before the model is called (ApiErrors), where they differ from the status's default. A model
 # failure's code is looked up in the one table of LLMError codes (agents/llm/errors.py).
-_API_CODE_OUTCOMES = {"quota_exceeded": (429, False), "key_budget_exceeded": (429, False)}
+_API_CODE_OUTCOMES = {"quota_exceeded": (429, False), "key_budget_exceeded": (429, False),
+                      "context_length_exceeded": (400, False)}
 
 
 def llm_outcome(code: str) -> tuple[int, bool]:
@@ -164,6 +165,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     parts: list[str] = []
     request: ChatRequest | None = None
     stream = None
+    call: pipeline.PreparedCall | None = None
     ctx: CallContext | None = None
     started = time.monotonic()
     heartbeat = asyncio.create_task(_heartbeat(exchange, parts))
@@ -171,16 +173,17 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     try:
         try:
             await emit(status_frame(exchange, "thinking"))
-            # The request is chat's own (history trimmed to the window, memory); the key's limits were taken when
-            # the exchange began (its hold settles in _record_key_tokens); the run is the one pipeline's.
-            target, request = await sync_to_async(prompt.build_call)(
-                conversation=exchange.conversation, user_message=exchange.user_message, user=user,
-                api_key=api_key)
-            ctx = CallContext(user=user, entry_point=entry_point, api_key=api_key,
-                              project=exchange.conversation.project, agent=exchange.conversation.agent,
-                              conversation=exchange.conversation, message=reply)
-            call = pipeline.PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=None,
-                                         hold=exchange.extra.get("key_hold"))
+            # The request is chat's own (history trimmed to the window, memory; built on the event loop where the
+            # async pool is); the key's limits were taken when the exchange began (its hold is the call's); the
+            # call goes through the one pipeline: prepare → metered run → finish (in `finally`).
+            built = await prompt.build_prompt_async(conversation=exchange.conversation,
+                                                    user_message=exchange.user_message, user=user, api_key=api_key)
+            request = built.request
+            call = pipeline.prepare_request(
+                built.target, request, account=user, api_key=api_key, entry_point=entry_point,
+                project=exchange.conversation.project, hold=exchange.extra.get("key_hold"),
+                prompt_tokens=built.prompt_tokens, conversation=exchange.conversation, message=reply)
+            ctx = call.ctx
             metered: MeteredResult | None = None
             stream = pipeline.run_stream(call)
             async for item in stream:
@@ -199,6 +202,13 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
                           fallback=result.fallback, latency_ms=result.latency_ms, **usage_fields(metered.record))
             _apply(reply, values)
             final = done_frame(reply)
+        except pipeline.ContextLengthExceeded as exc:
+            # The new message alone (with the system prompt) overflows the model's window: refused before the call.
+            values = dict(status=Message.Status.LLM_ERROR, error_message=exc.message, error_code=exc.code)
+            _apply(reply, values)
+            http_status, retryable = _API_CODE_OUTCOMES[exc.code]
+            exchange.extra["error"] = _api_error(exc.code, exc.message, http_status, retryable, reply)
+            final = error_frame(exc.code, exc.message, retryable, reply.pk)
         except ApiError as exc:
             # InsufficientBalance / QuotaExceeded / KeyBudgetExceeded: raised before the model is called.
             values = dict(status=Message.Status.INSUFFICIENT_BALANCE, error_message=exc.message, error_code=exc.code)
@@ -269,7 +279,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         await _stop(heartbeat)
         if exchange.lock is not None:  # not reached the end (a bug below us): still free the conversation
             await hotpath.release_lock(exchange)  # async Redis / the pool: no thread hop
-        await _record_key_tokens(api_key, reply, exchange.extra.get("key_hold"))
+        await _record_key_tokens(call, api_key, reply, exchange.extra.get("key_hold"))
     return reply
 
 
@@ -321,18 +331,12 @@ def _heartbeat_seconds() -> float:
 
 
 async def _heartbeat(exchange: Exchange, parts: list[str]) -> None:
-    """Renews the generation's lease and checkpoints its text while it runs. Its failures never end the stream."""
-    def beat(content: str) -> None:
-        try:
-            services.checkpoint(exchange, content)
-        except DatabaseError:
-            deferred.close_broken_connection()
-            raise
-
+    """Renews the generation's lease and checkpoints its text while it runs (one statement on the async pool where
+    it can, conversations.hotpath). Its failures never end the stream."""
     while True:
         await asyncio.sleep(_heartbeat_seconds())
         try:
-            await sync_to_async(released(beat))("".join(parts))  # pool: the connection is not kept
+            await hotpath.checkpoint(exchange, "".join(parts))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a missed beat: the next one (or the lease's slack) covers it
@@ -352,12 +356,18 @@ async def _stop(task: asyncio.Task) -> None:
         pass
 
 
-async def _record_key_tokens(api_key: Any, reply: Message, hold: keylimits.Hold | None = None) -> None:
-    """The tokens the reply used (real or estimated) replace the hold on the API key's tokens per minute."""
+async def _record_key_tokens(call: pipeline.PreparedCall | None, api_key: Any, reply: Message,
+                             hold: keylimits.Hold | None = None) -> None:
+    """The pipeline's finish: the tokens the reply used (real or estimated, as its usage record has them) replace
+    the hold on the API key's tokens per minute (the exchange's hold, also when the call was never prepared)."""
     if not getattr(api_key, "tpm", None):
         return
+    used = reply.prompt_tokens + reply.completion_tokens
     try:
-        await pipeline.settle_tokens(api_key, hold, reply.prompt_tokens + reply.completion_tokens)
+        if call is not None:
+            await pipeline.finish_counted(call, used)
+        else:
+            await pipeline.settle_tokens(api_key, hold, used)
     except Exception:  # noqa: BLE001 - the reply is stored; a lost count only loosens the limit
         logger.exception("could not record the key's tokens for reply %s", reply.pk)
 

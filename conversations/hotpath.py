@@ -1,5 +1,9 @@
-"""A chat turn's end on the event loop: the reply's final state as one statement on the async pool (PostgreSQL),
-and the conversation's lock released without a thread hop.
+"""A chat turn's writes on the event loop: the heartbeat's checkpoint and the reply's final state as one statement
+each on the async pool (PostgreSQL), and the conversation's lock extended and released without a thread hop.
+
+`checkpoint` does what services.checkpoint does — the lease renewed (the Redis script on the async client, or the
+lease row) and the text so far saved while the reply is still `processing` — with the lease row's update and the
+text in one statement; its failure to save raises a django.db error like the sync one.
 
 `finish_reply` writes what services.finish_reply writes — the reply's final state (only while it is still
 `processing`: the first final state wins), its user message's status and the conversation's counters — as
@@ -12,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import Field
 from django.utils import timezone
 
-from aiwriter import dbpool
+from aiwriter import dbpool, deferred
 from aiwriter import redis as shared_redis
 from aiwriter.db import released
 from conversations import locks, services
@@ -110,6 +115,61 @@ async def finish_reply(exchange: Exchange, **fields: Any) -> Message:
     reply.updated_at = now
     exchange.user_message.status = values["status"]
     return reply
+
+
+def checkpoint_statement(exchange: Exchange, content: str, now: Any) -> tuple[str, list[Any]]:
+    """services.save_partial (and, on a database lease, locks.extend's row update) as one statement."""
+    messages = _q(Message._meta.db_table)
+    sql = (f"UPDATE {messages} SET {_column('content')} = %s, {_column('updated_at')} = %s "
+           f"WHERE id = %s AND {_column('status')} = %s")
+    params: list[Any] = [content, now, exchange.reply.pk, Message.Status.PROCESSING]
+    lock = exchange.lock
+    if lock is not None and lock.backend != "redis":
+        lease = (f"UPDATE {_q(GenerationLease._meta.db_table)} SET expires_at = %s "
+                 f"WHERE conversation_id = %s AND token = %s")
+        sql = f"WITH lease AS ({lease}) {sql}"
+        params = [now + timedelta(seconds=locks._ttl_seconds()), lock.conversation_id, lock.token, *params]
+    return sql, params
+
+
+def _checkpoint_sync(exchange: Exchange, content: str) -> None:
+    try:
+        services.checkpoint(exchange, content)
+    except DatabaseError:
+        deferred.close_broken_connection()
+        raise
+
+
+async def checkpoint(exchange: Exchange, content: str) -> None:
+    """services.checkpoint on the event loop: the Redis lease renewed on the async client (never raises), then one
+    statement on the pool. The sync one through sync_to_async where the pool is off or busy."""
+    if not dbpool.enabled():
+        await sync_to_async(released(_checkpoint_sync))(exchange, content)
+        return
+    lock = exchange.lock
+    if lock is not None and lock.backend == "redis":
+        await _extend_redis(lock)
+    sql, params = checkpoint_statement(exchange, content, timezone.now())
+    try:
+        await dbpool.fetchone(sql, params)
+    except dbpool.PoolTimeout:
+        logger.warning("async pool exhausted: the heartbeat of reply %s takes the sync path", exchange.reply.pk)
+        await sync_to_async(released(_checkpoint_sync))(exchange, content)
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+
+
+async def _extend_redis(lock: locks.GenerationLock) -> None:
+    """locks.extend's Redis branch on the async client; never raises (a lease not renewed may expire early)."""
+    try:
+        client = shared_redis.get_async_redis()
+        if client is None:
+            return
+        lock_key, running_key = locks._keys(lock.owner_id, lock.conversation_id)
+        await client.eval(locks._EXTEND, 2, lock_key, running_key, lock.token, locks._ttl_seconds() * 1000,
+                          lock.conversation_id)
+    except Exception:  # noqa: BLE001 - a failed extension only means the lock may expire early
+        logger.exception("could not extend the lock of conversation %s", lock.conversation_id)
 
 
 async def release_lock(exchange: Exchange) -> None:

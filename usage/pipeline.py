@@ -2,9 +2,11 @@
 
 - `prepare` builds the call for a target (a model, or an agent with its fallback): the ChatRequest with the
   client's sampling options and max_tokens capped by the model, the context-window check, the key's limits
-  (its TPM hold) and the metering context;
+  (its TPM hold) and the metering context; `prepare_request` is the same for a request the entry point built
+  itself (chat: history trimmed to the window, memory), whose key limits were taken when its turn began;
 - `run_stream` / `run_complete` run it metered (usage.metering: hold, record, charge);
-- `finish` settles the key's TPM hold with what the call used (`refused` when metering refused it).
+- `finish` settles the key's TPM hold with what the call used (`refused` when metering refused it;
+  `finish_counted` with a count the entry point already has, as chat's reply from its usage record).
 
 Chat (conversations.generation), /v1 and the writer (openai_compat.calls) and staff debug runs (usage.debug)
 all go through it. Which target a name means is the entry point's business (openai_compat.targets for /v1 and
@@ -83,7 +85,11 @@ def check_context(request: ChatRequest, target: Target, need_count: bool) -> int
     window = target.model.context_window
     if not need_count and (not window or chars <= window):
         return None
-    prompt_tokens = tokens.count_messages(request.messages, target.model.name)
+    return _within_window(tokens.count_messages(request.messages, target.model.name), target)
+
+
+def _within_window(prompt_tokens: int, target: Target) -> int:
+    window = target.model.context_window
     if window and prompt_tokens > window:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {window} tokens; the messages take {prompt_tokens}.")
@@ -103,6 +109,22 @@ async def prepare(target: Target, messages: list[dict[str, Any]], *, account: An
                                    max_output_tokens=request.max_tokens or target.model.max_output_tokens or None)
     ctx = CallContext(user=account, entry_point=entry_point, api_key=api_key, project=project, agent=target.agent,
                       debug=debug)
+    return PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=prompt_tokens, hold=hold)
+
+
+def prepare_request(target: Target, request: ChatRequest, *, account: Any, api_key: Any, entry_point: str,
+                    project: str = "", hold: keylimits.Hold | None = None, prompt_tokens: int | None = None,
+                    conversation: Any = None, message: Any = None) -> PreparedCall:
+    """`prepare` for a prebuilt request: the context-window check (ContextLengthExceeded) and the metering context
+    (with the conversation and reply it is for). The key's limits were admitted by the caller: `hold` is what
+    that took (None: nothing held). `prompt_tokens`, when the caller counted the messages already, spares the
+    tokenizer. No query."""
+    if prompt_tokens is None:
+        prompt_tokens = check_context(request, target, need_count=False)
+    else:
+        _within_window(prompt_tokens, target)
+    ctx = CallContext(user=account, entry_point=entry_point, api_key=api_key, project=project, agent=target.agent,
+                      conversation=conversation, message=message)
     return PreparedCall(target=target, ctx=ctx, request=request, prompt_tokens=prompt_tokens, hold=hold)
 
 
@@ -151,6 +173,11 @@ async def finish(call: PreparedCall, result: ChatResult | None, delivered: str =
     if call.ctx.api_key is None or not call.ctx.api_key.tpm or (call.hold is not None and call.hold.settled):
         return
     await settle_tokens(call.ctx.api_key, call.hold, tokens_used(call, result, delivered))
+
+
+async def finish_counted(call: PreparedCall, used: int) -> None:
+    """`finish` with the tokens the entry point counted itself (chat: its reply's, as the usage record has them)."""
+    await settle_tokens(call.ctx.api_key, call.hold, used)
 
 
 async def refused(call: PreparedCall) -> None:
