@@ -178,7 +178,7 @@ def insert_statement(conversation: Conversation, user_message: Message, reply: M
     reply_slots = ["%s"] * len(names)
     reply_slots[reply_to] = "(SELECT id FROM um)"
     del reply_values[reply_to]
-    messages, now = table(Message), reply_values[names.index(q("updated_at"))]
+    messages, now = table(Message), user_values[names.index(q("updated_at"))]
     sql = (f"WITH um AS (INSERT INTO {messages} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))}) "
            f"RETURNING id), "
            f"rp AS (INSERT INTO {messages} ({', '.join(names)}) VALUES ({', '.join(reply_slots)}) RETURNING id), "
