@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +32,7 @@ from aiwriter import dbpool, redis_guard
 from aiwriter import redis as shared_redis
 from aiwriter.db import released
 from aiwriter.errors import NotFound
+from aiwriter.observability import add_db_query
 from conversations import hotpath, locks, moderation, selectors, sequence, services, turnsql
 from conversations.models import Conversation, Message
 from conversations.services import Exchange
@@ -180,13 +182,18 @@ async def _checked_create(user_id: int, sql: str, params: list[Any]) -> tuple | 
     requests, on either path, make one row). Its own statement after the lock: it must see what the lock's
     previous holder committed."""
     pool = await dbpool.get_pool()
+    started = time.perf_counter()
     try:
-        async with pool.connection() as conn, conn.transaction():
-            await dbpool.execute_fetchone(conn, "SELECT pg_advisory_xact_lock(%s::integer, %s::integer)",
-                                          [locks.ADVISORY_DEDUPE, user_id])
-            return await dbpool.execute_fetchone(conn, sql, params)
+        # Pipelined: BEGIN, the lock and the statement go in one round trip, the COMMIT in another.
+        async with pool.connection() as conn, conn.pipeline(), conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s::integer, %s::integer)",
+                               [locks.ADVISORY_DEDUPE, user_id])
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchone()
     except dbpool.psycopg.Error as exc:
         raise dbpool.django_error(exc) from exc
+    finally:
+        add_db_query((time.perf_counter() - started) * 1000)
 
 
 async def _remember_for_dedupe(conversation: Conversation) -> None:
