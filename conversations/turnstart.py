@@ -118,8 +118,14 @@ async def _fetchone(sql: str, params: list[Any]) -> tuple | None:
         raise dbpool.django_error(exc) from exc
 
 
+# An id past PostgreSQL's bigint matches no row (as the ORM answers), rather than failing the statement.
+_MAX_ID = 2**63 - 1
+
+
 async def assert_owned(*, user: Any, conversation_id: int) -> None:
     """selectors.conversation_for for a frame that only needs ownership (cancel, subscribe): NotFound if not."""
+    if conversation_id > _MAX_ID:
+        raise NotFound("Conversation not found.")
     if not dbpool.enabled():
         await sync_to_async(released(selectors.conversation_for))(user=user, conversation_id=conversation_id)
         return
@@ -137,6 +143,8 @@ async def assert_owned(*, user: Any, conversation_id: int) -> None:
 async def _conversation_for(user: Any, api_key: Any, conversation_id: int,
                             client_id: str | None) -> tuple[Conversation, bool]:
     client_id = (client_id or None) and str(client_id)[:64]
+    if conversation_id > _MAX_ID:
+        raise NotFound("Conversation not found.")
     row = await _fetchone(*turnsql.conversation_statement(user_id=user.pk, conversation_id=conversation_id,
                                                           api_key=api_key, client_id=client_id))
     if row is None:

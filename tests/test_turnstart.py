@@ -165,3 +165,15 @@ async def test_without_redis_the_turn_takes_the_sync_path_and_its_lease(no_redis
         await turnstart.begin_turn(user=user, api_key=None, conversation_id=exchange.conversation.pk, agent=None,
                                    project="", content="two", client_id=None, new=False)
     await _finish(exchange)
+
+
+async def test_an_id_past_bigint_is_not_found_on_both_paths():
+    user = await sync_to_async(make_user)("huge")
+    huge = 2**70
+    for path in ("sync", "async"):
+        with pytest.raises(ApiError) as caught:
+            await _turn(path, user, None, conversation_id=huge, content="hi")
+        assert caught.value.code == "not_found"
+    with pytest.raises(ApiError) as caught:
+        await turnstart.assert_owned(user=user, conversation_id=huge)
+    assert caught.value.code == "not_found"

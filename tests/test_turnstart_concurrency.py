@@ -49,7 +49,7 @@ async def _race(user, async_frames: list[dict], sync_frames: list[dict]) -> list
 def _split(results: list) -> tuple[list[services.Exchange], list[BaseException]]:
     begun = [r for r in results if isinstance(r, services.Exchange)]
     refused = [r for r in results if not isinstance(r, services.Exchange)]
-    assert all(isinstance(r, REFUSALS) for r in refused), refused
+    assert all(isinstance(r, REFUSALS) for r in refused), [repr(r) for r in refused if not isinstance(r, REFUSALS)]
     return begun, refused
 
 
