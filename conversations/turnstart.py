@@ -192,11 +192,16 @@ async def _checked_create(user_id: int, sql: str, params: list[Any]) -> tuple | 
     pool = await dbpool.get_pool()
     started = time.perf_counter()
     try:
-        # Pipelined: BEGIN, the lock and the statement go in one round trip, the COMMIT in another.
-        async with pool.connection() as conn, conn.pipeline(), conn.transaction():
+        # One pipeline, one round trip: the lock is held only while the server works, never across a wait for
+        # this event loop (a busy loop would otherwise hold every create of the user behind it). A failed
+        # statement leaves the connection in a failed transaction: the pool closes it rather than reuse it.
+        async with pool.connection() as conn, conn.pipeline() as pipeline:
+            await conn.execute("BEGIN")
             await conn.execute("SELECT pg_advisory_xact_lock(%s::integer, %s::integer)",
                                [locks.ADVISORY_DEDUPE, user_id])
             cursor = await conn.execute(sql, params)
+            await conn.execute("COMMIT")
+            await pipeline.sync()
             return await cursor.fetchone()
     except dbpool.psycopg.Error as exc:
         raise dbpool.django_error(exc) from exc

@@ -177,3 +177,18 @@ async def test_an_id_past_bigint_is_not_found_on_both_paths():
     with pytest.raises(ApiError) as caught:
         await turnstart.assert_owned(user=user, conversation_id=huge)
     assert caught.value.code == "not_found"
+
+
+async def test_a_failed_create_raises_as_on_the_sync_path_and_leaves_the_pool_usable():
+    from django.db import DataError
+
+    agent = await sync_to_async(make_agent)()
+    user = await sync_to_async(make_user)("too-long")
+    for path in ("sync", "async"):
+        with pytest.raises(DataError):  # a project past its column's 100 characters
+            await _turn(path, user, None, agent=agent.slug, project="p" * 101, content="hi")
+    exchange = await turnstart.begin_turn(user=user, api_key=None, conversation_id=None, agent=agent.slug,
+                                          project="fine", content="hi", client_id=None, new=False)
+    assert exchange.conversation.project == "fine"
+    assert await sync_to_async(Conversation.objects.filter(owner=user).count)() == 1
+    await _finish(exchange)
