@@ -76,10 +76,11 @@ async def _begin_turn(user: Any, api_key: Any, conversation_id: int | None, agen
     if not _async_path_available():
         return await sync_to_async(released(sync_begin))(user, api_key, conversation_id, agent, project, content,
                                                           client_id, new)
+    remembered: asyncio.Future | None = None
     try:
         if conversation_id is None:
-            conversation, replay_possible = await _create_conversation(user, api_key, agent, project, new,
-                                                                       client_id)
+            conversation, replay_possible, remembered = await _create_conversation(user, api_key, agent, project,
+                                                                                   new, client_id)
         else:
             conversation, replay_possible = await _conversation_for(user, api_key, conversation_id, client_id)
     except dbpool.PoolTimeout:
@@ -91,6 +92,9 @@ async def _begin_turn(user: Any, api_key: Any, conversation_id: int | None, agen
     except _UseSyncPath:
         return await sync_to_async(released(services.begin_exchange))(
             user=user, conversation=conversation, content=content, client_id=client_id, api_key=api_key)
+    finally:
+        if remembered is not None:
+            await remembered
 
 
 def sync_begin(user: Any, api_key: Any, conversation_id: int | None, agent: Any, project: str, content: Any,
@@ -158,8 +162,9 @@ async def _conversation_for(user: Any, api_key: Any, conversation_id: int,
 
 
 async def _create_conversation(user: Any, api_key: Any, slug_or_id: Any, project: str, new: bool,
-                               client_id: str | None) -> tuple[Conversation, bool]:
-    """services.create_conversation: the newest recent conversation with this agent and project, or a new one."""
+                               client_id: str | None) -> tuple[Conversation, bool, asyncio.Future | None]:
+    """services.create_conversation: the newest recent conversation with this agent and project, or a new one.
+    Also returns the dedupe cache write, under way meanwhile (the caller awaits it before it returns)."""
     if not isinstance(slug_or_id, str) or not slug_or_id:
         raise services.UnknownAgent()  # the frame's agent is a string; resolve_agent finds nothing else either
     row = await _fetchone(*turnsql.agent_statement(slug_or_id, api_key))
@@ -180,9 +185,8 @@ async def _create_conversation(user: Any, api_key: Any, slug_or_id: Any, project
     conversation = turnsql.from_row(Conversation, row[:n])
     conversation.agent = agent
     created, replay_possible = bool(row[n]), bool(row[n + 1])
-    if created or not new:
-        await _remember_for_dedupe(conversation)
-    return conversation, replay_possible
+    remembered = asyncio.ensure_future(_remember_for_dedupe(conversation)) if created or not new else None
+    return conversation, replay_possible, remembered
 
 
 async def _checked_create(user_id: int, sql: str, params: list[Any]) -> tuple | None:

@@ -12,6 +12,7 @@ from decimal import Decimal
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.cache import cache
 
 from aiwriter import dbpool
 from aiwriter.errors import ApiError
@@ -146,6 +147,9 @@ async def test_a_usual_turn_is_a_few_statements_on_the_pool():
     used, exchange = await statements(conversation_id=None, agent=agent.slug, project="", content="one",
                                       client_id="a", new=False)
     assert used == 4 and exchange.lock is not None and exchange.lock.backend == "redis"
+    # The dedupe cache entry the sync create_conversation reads first (written on the loop, to the same key).
+    key = services._dedupe_cache_key(user.pk, agent.pk, "")
+    assert await sync_to_async(cache.get)(key) == exchange.conversation.pk
     await _finish(exchange)
     # The conversation with its agent, the reads after the lock, the insert.
     used, exchange = await statements(conversation_id=exchange.conversation.pk, agent=None, project="",
