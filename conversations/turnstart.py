@@ -319,6 +319,8 @@ async def _next_sequences(conversation: Conversation) -> list[int] | None:
     except redis.RedisError as exc:
         redis_guard.failed("sequence numbers", exc)
         return None
+    except dbpool.PoolTimeout:
+        return None  # the sync insert allocates from the database
     return [int(last) - 1, int(last)]
 
 
