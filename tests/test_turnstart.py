@@ -59,7 +59,7 @@ def _rows(user) -> list:
     rows = []
     for conversation in Conversation.objects.filter(owner=user).order_by("pk"):
         messages = list(Message.objects.filter(conversation=conversation).order_by("sequence"))
-        ids = {m.pk: i for i, m in enumerate(messages)}
+        ids: dict[int | None, int] = {m.pk: i for i, m in enumerate(messages)}
         rows.append(([getattr(conversation, f) for f in CONVERSATION_FIELDS],
                      [([getattr(m, f) for f in MESSAGE_FIELDS], ids.get(m.reply_to_id)) for m in messages]))
     return rows

@@ -21,9 +21,10 @@ pytestmark = [pytest.mark.pg, pytest.mark.redis, pytest.mark.django_db(transacti
 REFUSALS = (locks.ConversationBusy, locks.TooManyConcurrent)
 
 
-def _sync_turn(barrier: threading.Barrier, user, frame: dict):
+def _sync_turn(barrier: threading.Barrier | None, user, frame: dict):
     try:
-        barrier.wait(timeout=20)
+        if barrier is not None:
+            barrier.wait(timeout=20)
         return turnstart.sync_begin(user, None, frame.get("conversation_id"), frame.get("agent"), "same",
                                     frame["content"], None, False)
     except Exception as exc:  # noqa: BLE001 - the outcome is what the test counts
