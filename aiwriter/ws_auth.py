@@ -77,7 +77,7 @@ async def credential_is_live_async(user, api_key: ApiKey | None, session) -> boo
     auth backend, a hash that no longer matches, which Django's check answers by flushing the session) is the
     sync function's.
     """
-    if dbpool.enabled():
+    if dbpool.enabled() and getattr(settings, "WS_TURN_START_ON_POOL", True):
         try:
             if api_key is not None:
                 return await _key_is_live(api_key)

@@ -110,9 +110,15 @@ def sync_begin(user: Any, api_key: Any, conversation_id: int | None, agent: Any,
                                    api_key=api_key)
 
 
+def on_pool() -> bool:
+    """The socket's database work goes on the pool: dbpool.enabled(), unless an experiment turns it off
+    (bench/settings_ws_sync_turn_start.py, the "before" of BENCHMARKS.md)."""
+    return dbpool.enabled() and getattr(settings, "WS_TURN_START_ON_POOL", True)
+
+
 def _async_path_available() -> bool:
     # Without Redis the lock is a lease row under an advisory lock: the sync path keeps that (rarer) case.
-    return dbpool.enabled() and shared_redis.get_async_redis() is not None and redis_guard.available()
+    return on_pool() and shared_redis.get_async_redis() is not None and redis_guard.available()
 
 
 async def _fetchone(sql: str, params: list[Any]) -> tuple | None:
@@ -130,7 +136,7 @@ async def assert_owned(*, user: Any, conversation_id: int) -> None:
     """selectors.conversation_for for a frame that only needs ownership (cancel, subscribe): NotFound if not."""
     if conversation_id > _MAX_ID:
         raise NotFound("Conversation not found.")
-    if not dbpool.enabled():
+    if not on_pool():
         await sync_to_async(released(selectors.conversation_for))(user=user, conversation_id=conversation_id)
         return
     try:

@@ -196,3 +196,16 @@ async def test_a_failed_create_raises_as_on_the_sync_path_and_leaves_the_pool_us
     assert exchange.conversation.project == "fine"
     assert await sync_to_async(Conversation.objects.filter(owner=user).count)() == 1
     await _finish(exchange)
+
+
+async def test_the_experiment_switch_puts_the_turn_back_on_the_sync_services(settings):
+    settings.WS_TURN_START_ON_POOL = False  # bench/settings_ws_sync_turn_start.py, the "before" of the benchmark
+    agent = await sync_to_async(make_agent)()
+    user = await sync_to_async(make_user)("switched")
+    pool = await dbpool.get_pool()
+    before = pool.get_stats().get("requests_num", 0)
+    exchange = await turnstart.begin_turn(user=user, api_key=None, conversation_id=None, agent=agent.slug,
+                                          project="", content="one", client_id=None, new=False)
+    await turnstart.assert_owned(user=user, conversation_id=exchange.conversation.pk)
+    assert pool.get_stats().get("requests_num", 0) == before
+    await _finish(exchange)
