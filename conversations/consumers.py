@@ -13,14 +13,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from aiwriter import parsers as json_body
 from aiwriter.errors import ApiError, message_from_detail
-from aiwriter.ws_auth import credential_is_live
-from conversations import selectors, services
+from aiwriter.ws_auth import credential_is_live_async
+from conversations import services, turnstart
 from conversations.generation import error_frame, run_exchange
 from conversations.serializers import MessageFrameInput
 
@@ -234,8 +233,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Its final frame is out and its final write under way: a message sent right after `done` waits for
             # that write (milliseconds) instead of meeting the old reply's lock.
             await asyncio.wait([previous], timeout=PREVIOUS_WRITE_WAIT_SECONDS)
-        exchange = await database_sync_to_async(self._begin)(conversation_id, agent, project, content, client_id,
-                                                             new)
+        exchange = await turnstart.begin_turn(user=self.user, api_key=self.api_key, conversation_id=conversation_id,
+                                              agent=agent, project=project, content=content, client_id=client_id,
+                                              new=new)
         group = group_name(exchange.conversation.pk)
         # The exchange is begun (message stored, lock held): it runs even if the channel layer is unreachable,
         # streaming to this socket alone, so nothing is left half-done.
@@ -244,16 +244,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not exchange.finished:
             self.generations[exchange.conversation.pk] = task
             RUNNING[exchange.conversation.pk] = task
-
-    def _begin(self, conversation_id, agent, project, content, client_id, new) -> services.Exchange:
-        if conversation_id is None:
-            conversation, _ = services.create_conversation(user=self.user, agent=services.resolve_agent(agent),
-                                                           project=project, api_key=self.api_key, new=new,
-                                                           client_id=client_id)
-        else:
-            conversation = selectors.conversation_for(user=self.user, conversation_id=conversation_id)
-        return services.begin_exchange(user=self.user, conversation=conversation, content=content,
-                                       client_id=client_id, api_key=self.api_key)
 
     async def _generate(self, exchange: services.Exchange, group: str, direct: bool = False) -> None:
         task = asyncio.current_task()
@@ -280,7 +270,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _on_cancel(self, frame: dict[str, Any]) -> None:
         conversation_id = self._conversation_id(frame, required=True)
-        await database_sync_to_async(selectors.conversation_for)(user=self.user, conversation_id=conversation_id)
+        await turnstart.assert_owned(user=self.user, conversation_id=conversation_id)
         self._cancel_local(conversation_id)
         # The generation may run on another socket or process: every socket in the group checks its own.
         try:
@@ -291,7 +281,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _on_subscribe(self, frame: dict[str, Any]) -> None:
         conversation_id = self._conversation_id(frame, required=True)
-        await database_sync_to_async(selectors.conversation_for)(user=self.user, conversation_id=conversation_id)
+        await turnstart.assert_owned(user=self.user, conversation_id=conversation_id)
         if not await self._join(group_name(conversation_id)):
             raise ChannelLayerUnavailable()
         await self._send_json({"type": "subscribed", "conversation": conversation_id})
@@ -316,7 +306,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _credential_holds(self) -> bool:
         """True if the socket's credential is still valid; else tells the client, closes with 4401, False."""
-        if await database_sync_to_async(credential_is_live)(self.user, self.api_key, self.scope.get("session")):
+        if await credential_is_live_async(self.user, self.api_key, self.scope.get("session")):
             return True
         self.user = None  # nothing more is done for this socket, even for frames already received
         await self._send_json(error_frame("authentication_failed", "This socket's API key was revoked or has "

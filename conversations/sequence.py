@@ -87,13 +87,14 @@ def _bump_redis(conversation_id: int, at_least: int) -> None:
         redis_guard.failed("sequence numbers", exc)
 
 
-def insert_with_sequence(conversation_id: int, count: int, insert: Callable[[list[int]], T]) -> T:
+def insert_with_sequence(conversation_id: int, count: int, insert: Callable[[list[int]], T], *,
+                         from_database: bool = False) -> T:
     """Calls `insert(numbers)` in a transaction with `count` fresh numbers; retries on a collision.
 
     `insert` must raise IntegrityError on a duplicate (the unique constraint does that) and nothing
-    else of its own must be able to collide.
+    else of its own must be able to collide. `from_database`: skip Redis (its numbers just collided).
     """
-    numbers = next_sequences_redis(conversation_id, count)
+    numbers = None if from_database else next_sequences_redis(conversation_id, count)
     for attempt in range(_MAX_ATTEMPTS):
         try:
             with transaction.atomic():

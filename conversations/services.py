@@ -173,12 +173,12 @@ def _validate_content(content: Any) -> str:
     return content
 
 
-def _check_key_rate(api_key: Any, content: str, agent: Agent) -> keylimits.Hold | None:
-    """The API key's requests and tokens per minute, as on /v1 and the writer endpoints (shared counters).
+def key_rate_request(api_key: Any, content: str, agent: Agent) -> tuple[int, int | None] | None:
+    """What a message asks of its API key's per-minute limits: (prompt tokens, max output), None without limits.
 
     The new message's tokens stand for the prompt, and the agent's maximum output is held with them, so
     concurrent messages see each other; the reply's real usage replaces the hold when it ends
-    (`generation.run_exchange`). A session has no key and no such limit. Raises KeyRateLimited (429).
+    (`generation.run_exchange`). A session has no key and no such limit.
     """
     if not (getattr(api_key, "rpm", None) or getattr(api_key, "tpm", None)):
         return None
@@ -187,7 +187,16 @@ def _check_key_rate(api_key: Any, content: str, agent: Agent) -> keylimits.Hold 
     if api_key.tpm:  # the agent's max_tokens at most the model's cap, as the reply's request gets it
         cap, wanted = agent.model.max_output_tokens, agent.max_tokens
         max_output = (min(wanted, cap) if wanted and cap else wanted or cap) or None
-    return async_to_sync(keylimits.acquire)(api_key, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+    return prompt_tokens, max_output
+
+
+def _check_key_rate(api_key: Any, content: str, agent: Agent) -> keylimits.Hold | None:
+    """The API key's requests and tokens per minute, as on /v1 and the writer endpoints (shared counters).
+    Raises KeyRateLimited (429)."""
+    wanted = key_rate_request(api_key, content, agent)
+    if wanted is None:
+        return None
+    return async_to_sync(keylimits.acquire)(api_key, prompt_tokens=wanted[0], max_output_tokens=wanted[1])
 
 
 def _release_key_hold(hold: keylimits.Hold | None) -> None:
@@ -232,18 +241,9 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
             return replay
         hold = _check_key_rate(api_key, content, conversation.agent)
 
-        def insert(numbers: list[int]) -> tuple[Message, Message]:
-            user_message = Message.objects.create(
-                conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.PENDING,
-                sequence=numbers[0], client_id=client_id)
-            reply = Message.objects.create(
-                conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
-                sequence=numbers[1], reply_to=user_message)
-            _count_messages(conversation, 2, title_from=content)
-            return user_message, reply
-
         try:
-            user_message, reply = sequence.insert_with_sequence(conversation.pk, 2, insert)
+            user_message, reply = sequence.insert_with_sequence(
+                conversation.pk, 2, lambda numbers: insert_exchange(conversation, content, client_id, numbers))
         except BaseException:
             _release_key_hold(hold)
             raise
@@ -254,6 +254,32 @@ def begin_exchange(*, user, conversation: Conversation, content: Any, client_id:
     except BaseException:
         locks.release(lock)
         raise
+
+
+def new_exchange_messages(conversation: Conversation, content: str, client_id: str | None,
+                          numbers: list[int]) -> tuple[Message, Message]:
+    """The user message (`pending`) and its reply (`processing`) of a new exchange, unsaved."""
+    user_message = Message(conversation=conversation, role=Message.Role.USER, content=content,
+                           status=Message.Status.PENDING, sequence=numbers[0], client_id=client_id)
+    reply = Message(conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.PROCESSING,
+                    sequence=numbers[1], reply_to=user_message)
+    return user_message, reply
+
+
+def insert_exchange(conversation: Conversation, content: str, client_id: str | None,
+                    numbers: list[int]) -> tuple[Message, Message]:
+    """Stores a new exchange's two messages and counts them (call in a transaction: sequence.insert_with_sequence)."""
+    user_message, reply = new_exchange_messages(conversation, content, client_id, numbers)
+    user_message.save(force_insert=True)
+    reply.reply_to = user_message  # its id is known now
+    reply.save(force_insert=True)
+    _count_messages(conversation, 2, title_from=content)
+    return user_message, reply
+
+
+def title_for(content: str) -> str:
+    """A conversation's title from its first message."""
+    return " ".join(content.split())[:TITLE_CHARS]
 
 
 def begin_retry(*, user, conversation: Conversation, message: Message, api_key: Any = None) -> Exchange:
@@ -301,7 +327,7 @@ def _count_messages(conversation: Conversation, added: int, title_from: str = ""
     updates: dict[str, Any] = {"message_count": F("message_count") + added, "updated_at": timezone.now()}
     Conversation.objects.filter(pk=conversation.pk).update(**updates)
     if title_from and not conversation.title:
-        title = " ".join(title_from.split())[:TITLE_CHARS]
+        title = title_for(title_from)
         Conversation.objects.filter(pk=conversation.pk, title="").update(title=title)
         conversation.title = title
     conversation.message_count += added

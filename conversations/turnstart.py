@@ -1,0 +1,394 @@
+"""A websocket chat turn's start on the event loop: conversation, lock, key limits and messages without a thread hop.
+
+`begin_turn` does what the consumer's sync `_begin` did through Channels' one database thread per process —
+services.create_conversation (with its 5-minute dedupe) or selectors.conversation_for, then
+services.begin_exchange — with the database work as single statements on aiwriter.dbpool (conversations.turnsql)
+and the Redis steps (the conversation lock and per-user slot, the key's rate limits, sequence numbers) on the
+async Redis client. A usual turn costs three or four statements and three Redis scripts, all on the loop.
+
+The sync services stay the reference and the fallback (through sync_to_async): SQLite and DB_ASYNC_POOL off
+(dbpool.enabled()), no Redis or Redis down (the database lease path), no free pool connection, and the rare
+branches — a client_id sent before (replay), a reply stuck past its lease (the sweep), a sequence collision.
+The guarantees are the sync path's: the lock and the per-user limit are the same Redis script plus the same
+database check; the dedupe is the same advisory lock around the check-then-insert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from datetime import timedelta
+from typing import Any
+
+import redis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from aiwriter import dbpool, redis_guard
+from aiwriter import redis as shared_redis
+from aiwriter.db import released
+from aiwriter.errors import NotFound
+from aiwriter.observability import add_db_query
+from conversations import hotpath, locks, moderation, selectors, sequence, services, turnsql
+from conversations.models import Conversation, Message
+from conversations.services import Exchange
+from usage import keylimits
+
+logger = logging.getLogger(__name__)
+
+# KEYS: the conversation's counter. ARGV: count, ttl seconds, seed ('' = unknown: the caller reads the database).
+# Returns the last number taken, or false when the counter is missing and no seed was given.
+_NEXT_SEQUENCES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[3] == '' then return false end
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
+end
+local last = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return last
+"""
+
+
+class _UseSyncPath(Exception):
+    """The async path stops here, having undone what it took; the sync service does the turn instead."""
+
+
+async def begin_turn(*, user: Any, api_key: Any, conversation_id: int | None, agent: Any, project: str,
+                     content: Any, client_id: str | None, new: bool) -> Exchange:
+    """The consumer's turn start: a new (deduplicated) conversation or the user's own, then the exchange begun.
+    Same errors, rows and outcomes as the sync services (tests/test_turnstart.py)."""
+    task = asyncio.ensure_future(_begin_turn(user, api_key, conversation_id, agent, project, content, client_id,
+                                             new))
+    try:
+        # Like the thread it replaces, a begun turn runs to its end even if the socket's frame task is cancelled.
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+async def _begin_turn(user: Any, api_key: Any, conversation_id: int | None, agent: Any, project: str,
+                      content: Any, client_id: str | None, new: bool) -> Exchange:
+    if not _async_path_available():
+        return await sync_to_async(released(sync_begin))(user, api_key, conversation_id, agent, project, content,
+                                                          client_id, new)
+    remembered: asyncio.Future | None = None
+    try:
+        if conversation_id is None:
+            conversation, replay_possible, remembered = await _create_conversation(user, api_key, agent, project,
+                                                                                   new, client_id)
+        else:
+            conversation, replay_possible = await _conversation_for(user, api_key, conversation_id, client_id)
+    except dbpool.PoolTimeout:
+        logger.warning("async pool exhausted: a turn of user %s starts through the sync path", user.pk)
+        return await sync_to_async(released(sync_begin))(user, api_key, conversation_id, agent, project, content,
+                                                          client_id, new)
+    try:
+        return await _begin_exchange(user, api_key, conversation, content, client_id, replay_possible)
+    except _UseSyncPath:
+        return await sync_to_async(released(services.begin_exchange))(
+            user=user, conversation=conversation, content=content, client_id=client_id, api_key=api_key)
+    finally:
+        if remembered is not None:
+            await remembered
+
+
+def sync_begin(user: Any, api_key: Any, conversation_id: int | None, agent: Any, project: str, content: Any,
+               client_id: str | None, new: bool) -> Exchange:
+    """The turn start on the sync services (the reference; SQLite and every fallback)."""
+    if conversation_id is None:
+        conversation, _ = services.create_conversation(user=user, agent=services.resolve_agent(agent),
+                                                       project=project, api_key=api_key, new=new,
+                                                       client_id=client_id)
+    else:
+        conversation = selectors.conversation_for(user=user, conversation_id=conversation_id)
+    return services.begin_exchange(user=user, conversation=conversation, content=content, client_id=client_id,
+                                   api_key=api_key)
+
+
+def on_pool() -> bool:
+    """The socket's database work goes on the pool: dbpool.enabled(), unless an experiment turns it off
+    (bench/settings_ws_sync_turn_start.py, the "before" of BENCHMARKS.md)."""
+    return dbpool.enabled() and getattr(settings, "WS_TURN_START_ON_POOL", True)
+
+
+def _async_path_available() -> bool:
+    # Without Redis the lock is a lease row under an advisory lock: the sync path keeps that (rarer) case.
+    return on_pool() and shared_redis.get_async_redis() is not None and redis_guard.available()
+
+
+async def _fetchone(sql: str, params: list[Any]) -> tuple | None:
+    try:
+        return await dbpool.fetchone(sql, params)
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+
+
+# An id past PostgreSQL's bigint matches no row (as the ORM answers), rather than failing the statement.
+_MAX_ID = 2**63 - 1
+
+
+async def assert_owned(*, user: Any, conversation_id: int) -> None:
+    """selectors.conversation_for for a frame that only needs ownership (cancel, subscribe): NotFound if not."""
+    if conversation_id > _MAX_ID:
+        raise NotFound("Conversation not found.")
+    if not on_pool():
+        await sync_to_async(released(selectors.conversation_for))(user=user, conversation_id=conversation_id)
+        return
+    try:
+        row = await _fetchone(*turnsql.owned_statement(user_id=user.pk, conversation_id=conversation_id))
+    except dbpool.PoolTimeout:
+        await sync_to_async(released(selectors.conversation_for))(user=user, conversation_id=conversation_id)
+        return
+    if row is None:
+        raise NotFound("Conversation not found.")
+
+
+# --- the conversation ------------------------------------------------------------------------------
+
+async def _conversation_for(user: Any, api_key: Any, conversation_id: int,
+                            client_id: str | None) -> tuple[Conversation, bool]:
+    client_id = (client_id or None) and str(client_id)[:64]
+    if conversation_id > _MAX_ID:
+        raise NotFound("Conversation not found.")
+    row = await _fetchone(*turnsql.conversation_statement(user_id=user.pk, conversation_id=conversation_id,
+                                                          api_key=api_key, client_id=client_id))
+    if row is None:
+        raise NotFound("Conversation not found.")
+    n = turnsql.width(Conversation)
+    conversation = turnsql.from_row(Conversation, row[:n])
+    conversation.agent = turnsql.agent_from_row(row[n:-2])
+    if not row[-2]:
+        raise services.UnknownAgent()  # check_key_access, as begin_exchange starts
+    return conversation, bool(row[-1])
+
+
+async def _create_conversation(user: Any, api_key: Any, slug_or_id: Any, project: str, new: bool,
+                               client_id: str | None) -> tuple[Conversation, bool, asyncio.Future | None]:
+    """services.create_conversation: the newest recent conversation with this agent and project, or a new one.
+    Also returns the dedupe cache write, under way meanwhile (the caller awaits it before it returns)."""
+    if not isinstance(slug_or_id, str) or not slug_or_id:
+        raise services.UnknownAgent()  # the frame's agent is a string; resolve_agent finds nothing else either
+    row = await _fetchone(*turnsql.agent_statement(slug_or_id, api_key))
+    if row is None:
+        raise services.UnknownAgent()
+    agent = turnsql.agent_from_row(row[:-1])
+    if not row[-1]:
+        raise services.UnknownAgent()  # check_key_access
+    since = timezone.now() - timedelta(seconds=settings.CONVERSATION_DEDUPE_SECONDS)
+    draft = Conversation(owner=user, agent=agent, project=project, title="")
+    sql, params = turnsql.create_statement(draft, new=new, client_id=client_id, since=since)
+    if new and not client_id:
+        row = await _fetchone(sql, params)  # nothing to check: one INSERT
+    else:
+        row = await _checked_create(user.pk, sql, params)
+    assert row is not None
+    n = turnsql.width(Conversation)
+    conversation = turnsql.from_row(Conversation, row[:n])
+    conversation.agent = agent
+    created, replay_possible = bool(row[n]), bool(row[n + 1])
+    remembered = asyncio.ensure_future(_remember_for_dedupe(conversation)) if created or not new else None
+    return conversation, replay_possible, remembered
+
+
+async def _checked_create(user_id: int, sql: str, params: list[Any]) -> tuple | None:
+    """The check-then-insert under the same per-user advisory lock as the sync path (so 100 identical concurrent
+    requests, on either path, make one row). Its own statement after the lock: it must see what the lock's
+    previous holder committed."""
+    pool = await dbpool.get_pool()
+    started = time.perf_counter()
+    try:
+        # One pipeline, one round trip: the lock is held only while the server works, never across a wait for
+        # this event loop (a busy loop would otherwise hold every create of the user behind it). A failed
+        # statement leaves the connection in a failed transaction: the pool closes it rather than reuse it.
+        async with pool.connection() as conn, conn.pipeline() as pipeline:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT pg_advisory_xact_lock(%s::integer, %s::integer)",
+                               [locks.ADVISORY_DEDUPE, user_id])
+            cursor = await conn.execute(sql, params)
+            await conn.execute("COMMIT")
+            await pipeline.sync()
+            return await cursor.fetchone()
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+    finally:
+        add_db_query((time.perf_counter() - started) * 1000)
+
+
+async def _remember_for_dedupe(conversation: Conversation) -> None:
+    """create_conversation's cache entry (its fast path) so the sync path finds this conversation too."""
+    key = services._dedupe_cache_key(conversation.owner_id, conversation.agent_id, conversation.project)
+    timeout = settings.CONVERSATION_DEDUPE_SECONDS
+    backend = getattr(cache, "client", None)
+    try:
+        if backend is not None and hasattr(backend, "encode"):  # django_redis: the same key, written on the loop
+            client = shared_redis.get_async_redis()
+            if client is not None:
+                await client.set(str(cache.make_key(key)), backend.encode(conversation.pk), ex=timeout)
+        else:
+            cache.set(key, conversation.pk, timeout=timeout)  # in-process (locmem): no I/O
+    except Exception:  # noqa: BLE001 - the cache is only a fast path (django_redis ignores its failures too)
+        logger.warning("dedupe cache entry of conversation %s not written", conversation.pk)
+
+
+# --- the exchange ------------------------------------------------------------------------------------
+
+async def _begin_exchange(user: Any, api_key: Any, conversation: Conversation, content: Any,
+                          client_id: str | None, replay_possible: bool) -> Exchange:
+    """services.begin_exchange (key access already checked with the conversation's read)."""
+    content = services._validate_content(content)
+    client_id = (client_id or None) and str(client_id)[:64]
+    if replay_possible:
+        raise _UseSyncPath()  # services._replay answers (a message re-sent after a reconnect)
+    lock, running_in_redis = await _acquire_lock(user.pk, conversation.pk)
+    hold: keylimits.Hold | None = None
+    try:
+        await _after_lock(lock, running_in_redis, conversation, client_id)
+        wanted = services.key_rate_request(api_key, content, conversation.agent)
+        if wanted is not None:
+            hold = await keylimits.acquire(api_key, prompt_tokens=wanted[0], max_output_tokens=wanted[1])
+        user_message, reply = await _insert(conversation, content, client_id)
+        exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock,
+                            extra={"key_hold": hold})
+        await _moderate(exchange)
+        return exchange
+    except BaseException:
+        await _settle_unused(hold)  # once only: a no-op after moderation settled it
+        await _release(lock)  # compare-and-delete: a no-op once released
+        raise
+
+
+async def _acquire_lock(owner_id: int, conversation_id: int) -> tuple[locks.GenerationLock, set[int]]:
+    """locks._acquire_redis's script on the async client: the lock and the conversations Redis knows are running.
+    Redis down: the sync path (its database lease)."""
+    client = shared_redis.get_async_redis()
+    assert client is not None
+    token = secrets.token_hex(16)
+    lock_key, running_key = locks._keys(owner_id, conversation_id)
+    try:
+        outcome = await client.eval(locks._ACQUIRE, 2, lock_key, running_key, token,
+                                    settings.CONVERSATION_LOCK_SECONDS * 1000,
+                                    settings.MAX_CONCURRENT_CONVERSATIONS, conversation_id)
+    except redis.RedisError as exc:
+        redis_guard.failed("conversation locks", exc)
+        raise _UseSyncPath() from exc
+    if outcome == -1:
+        raise locks.ConversationBusy()
+    if outcome == -2:
+        raise locks.TooManyConcurrent()
+    return locks.GenerationLock(conversation_id, owner_id, token, "redis"), {int(m) for m in outcome}
+
+
+async def _after_lock(lock: locks.GenerationLock, running_in_redis: set[int], conversation: Conversation,
+                      client_id: str | None) -> None:
+    """One statement for what the sync path reads once the lock is taken: generations the database knows of
+    (locks._acquire_redis), a reply stuck past its lease (swept, as begin_exchange does) and a twin request
+    that finished while we waited (replay)."""
+    try:
+        row = await _fetchone(*turnsql.after_lock_statement(
+            owner_id=lock.owner_id, conversation_id=lock.conversation_id, client_id=client_id, now=timezone.now()))
+    except dbpool.PoolTimeout as exc:
+        raise _UseSyncPath() from exc
+    assert row is not None
+    running, stuck, replay = set(row[0]), bool(row[1]), bool(row[2])
+    if lock.conversation_id in running:
+        raise locks.ConversationBusy()
+    if len(running | running_in_redis) > settings.MAX_CONCURRENT_CONVERSATIONS:
+        raise locks.TooManyConcurrent()
+    if stuck:  # a dead worker's reply (its lock expired): end it now, as the sync path does
+        await sync_to_async(released(services.sweep_stuck_messages))(
+            older_than_seconds=settings.CONVERSATION_LOCK_SECONDS, conversation_id=conversation.pk)
+    if replay:
+        raise _UseSyncPath()
+
+
+async def _next_sequences(conversation: Conversation) -> list[int] | None:
+    """sequence.next_sequences_redis on the async client: two numbers, or None when Redis failed."""
+    client = shared_redis.get_async_redis()
+    if client is None or not redis_guard.available():
+        return None
+    counter = sequence._counter_key(conversation.pk)
+    ttl = sequence._COUNTER_TTL_SECONDS
+    # A conversation with no messages yet seeds its counter with 0 without asking the database.
+    seed = "0" if conversation.message_count == 0 else ""
+    try:
+        last = await client.eval(_NEXT_SEQUENCES, 1, counter, 2, ttl, seed)
+        if last is None:
+            row = await _fetchone(f"SELECT COALESCE(MAX(sequence), 0) FROM {turnsql.table(Message)} "
+                                  f"WHERE conversation_id = %s", [conversation.pk])
+            assert row is not None
+            last = await client.eval(_NEXT_SEQUENCES, 1, counter, 2, ttl, str(row[0]))
+    except redis.RedisError as exc:
+        redis_guard.failed("sequence numbers", exc)
+        return None
+    except dbpool.PoolTimeout:
+        return None  # the sync insert allocates from the database
+    return [int(last) - 1, int(last)]
+
+
+async def _insert(conversation: Conversation, content: str, client_id: str | None) -> tuple[Message, Message]:
+    """services.insert_exchange as one statement with Redis's numbers; a collision, Redis down or no free
+    connection: sequence.insert_with_sequence (numbers from the database, under its advisory lock)."""
+    numbers = await _next_sequences(conversation)
+    if numbers is not None:
+        user_message, reply = services.new_exchange_messages(conversation, content, client_id, numbers)
+        title = services.title_for(content) if not conversation.title else ""
+        sql, params = turnsql.insert_statement(conversation, user_message, reply, title)
+        try:
+            row = await dbpool.fetchone(sql, params)
+        except dbpool.PoolTimeout:
+            row = None
+        except dbpool.psycopg.errors.UniqueViolation as exc:
+            if "uniq_message_sequence" not in str(exc):
+                raise dbpool.django_error(exc) from exc
+            logger.warning("sequence collision in conversation %s, retrying from the database", conversation.pk)
+            row = None
+        except dbpool.psycopg.Error as exc:
+            raise dbpool.django_error(exc) from exc
+        if row is not None:
+            user_message.pk, reply.pk = row[0], row[1]
+            for message in (user_message, reply):
+                message._state.adding, message._state.db = False, "default"
+            reply.reply_to = user_message
+            conversation.title = row[2]
+            conversation.message_count += 2
+            return user_message, reply
+    return await sync_to_async(released(sequence.insert_with_sequence))(
+        conversation.pk, 2, lambda found: services.insert_exchange(conversation, content, client_id, found),
+        from_database=numbers is not None)
+
+
+async def _moderate(exchange: Exchange) -> None:
+    """services._moderate: a rejected message ends as content_violation, its lock and key hold freed."""
+    hook = getattr(settings, "MODERATION_HOOK", moderation.DEFAULT_HOOK)
+    if hook == moderation.DEFAULT_HOOK:
+        reason = moderation.check(exchange.user_message.content)  # a regex: no I/O
+    else:  # another hook may call a service: not on the loop
+        reason = await sync_to_async(moderation.check)(exchange.user_message.content)
+    if reason is None:
+        return
+    await hotpath.finish_reply(exchange, status=Message.Status.CONTENT_VIOLATION, error_message=reason,
+                               error_code="content_violation")
+    await hotpath.release_lock(exchange)
+    await _settle_unused(exchange.extra.get("key_hold"))
+
+
+async def _settle_unused(hold: keylimits.Hold | None) -> None:
+    if hold is not None:
+        await keylimits.settle(hold, 0)
+
+
+async def _release(lock: locks.GenerationLock) -> None:
+    """locks.release on the async client; never raises (an unreleased lock expires)."""
+    client = shared_redis.get_async_redis()
+    try:
+        if client is not None:
+            lock_key, running_key = locks._keys(lock.owner_id, lock.conversation_id)
+            await client.eval(locks._RELEASE, 2, lock_key, running_key, lock.token,
+                              lock.conversation_id)
+    except Exception:  # noqa: BLE001 - releasing must not mask the outcome; the lock expires anyway
+        logger.exception("could not release the lock of conversation %s", lock.conversation_id)
