@@ -294,6 +294,19 @@ def test_over_long_input_is_counted_refused_and_kept(browser_page, web_server, a
     assert page.locator("#char-count").inner_text() == "5 / 32,000" and page.locator("#send").is_enabled()
 
 
+def test_a_message_past_the_models_window_is_told_as_too_long_not_as_a_model_error(browser_page, web_server, alice,
+                                                                                   fake_upstream):
+    model = make_fake_model(fake_upstream, "tiny-window", context_window=60, max_output_tokens=20)
+    make_agent("tiny", name="Tiny", model=model, system_prompt="Short.")
+    page = _open(browser_page, web_server, DESKTOP)
+    _send(page, "word " * 200)  # far under the page's 32,000 characters, far over the model's 60 tokens
+    box = _last_assistant(page).locator(".failure")
+    box.wait_for(state="visible")
+    text = box.inner_text()
+    assert "too long for this model's context window" in text and "model error" not in text
+    assert fake_upstream.requests == []
+
+
 # --- 9. a failure is said once, in words for the person reading ---------------------------------------------
 
 def test_a_failure_is_said_once_and_never_tells_a_user_to_top_up(browser_page, web_server, agent):

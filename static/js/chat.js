@@ -46,6 +46,7 @@ const FAILURE_WORDS = {
   too_many_conversations: "Too many replies are running at once. Wait for one to finish.",
   conversation_busy: "This conversation is still answering. Wait for it to finish.",
   message_too_long: `This message is too long: at most ${MAX_CHARS.toLocaleString("en-US")} characters.`,
+  context_length_exceeded: "This message is too long for this model's context window. Shorten it, then retry.",
   upstream_timeout: "The model took too long to answer (model error).",
   no_healthy_deployment: "No model is available right now (model error).",
   llm_error: "The model failed to answer (model error).",
