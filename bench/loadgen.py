@@ -243,7 +243,7 @@ async def op_ws_seq(spec: dict[str, Any]) -> dict[str, Any]:
 async def op_ws_many(spec: dict[str, Any]) -> dict[str, Any]:
     """n chats at once: all sockets open first (held at a barrier), then every chat sends at once."""
     n, urls = spec["n"], spec["urls"]
-    out = {"ttft": [], "gaps": [], "completed": 0, "failed": 0, "errors": 0, "error_samples": [],
+    out = {"ttft": [], "gaps": [], "chunks": [], "completed": 0, "failed": 0, "errors": 0, "error_samples": [],
            "connect_failed": 0}
     opened = 0
     all_open = asyncio.Event()
@@ -272,6 +272,7 @@ async def op_ws_many(spec: dict[str, Any]) -> dict[str, Any]:
             result = await _ws_chat(ws, spec, i, spec.get("timeout", 60))
             out["ttft"].append(result["ttft"])
             out["gaps"].extend(result["gaps"])
+            out["chunks"].append(result["chunks"])
             out["completed"] += 1
         except (TimeoutError, RuntimeError, websockets.WebSocketException, ValueError, OSError) as exc:
             out["failed"] += 1
