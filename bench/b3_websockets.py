@@ -6,7 +6,9 @@ Issue 13's goal: "1,000 concurrent chats over two processes: 100 % complete, TTF
 Each level also says where the CPU went (from /proc and the load generator's rusage): the two servers share
 CPU 0, the fake upstream and the load generator CPU 1, so a side near 100 % of its core is what limits.
 `BENCH_WS_LEVELS=500,1000` picks the levels; `BENCH_PROFILE_B3=1` py-spies both servers during each level
-(collapsed stacks in var/bench/profile_b3_<chats>_<server>.txt, a summary in the notes).
+(collapsed stacks in var/bench/profile_b3_<chats>_<server>.txt, a summary in the notes);
+`BENCH_B3_SPREAD=1` gives each server a core of its own (server 1 then shares CPU 1 with the client side).
+A few chats first warm both servers up (imports, SDK clients, caches), so the first level measures steady state.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bench.harness import BenchResult, cpu_seconds, percentile, rss_mib
+from bench.harness import BenchResult, cpu_seconds, percentile, pin, rss_mib
 from bench.profile import Recording
-from bench.setup import STREAM_KNOBS, WS_AGENT, Context, start_server
+from bench.setup import CLIENT_CPUS, STREAM_KNOBS, WS_AGENT, Context, start_server
 
 GOAL_CHATS = 1000
 COMPLETION_GOAL_PERCENT = 100
 TTFT_P50_GOAL_MS = 2000
 INTER_CHUNK_P99_GOAL_MS = 100
+WARMUP_CHATS = 20
 
 
 class _PeakRss:
@@ -97,8 +100,12 @@ def run(ctx: Context) -> BenchResult:
     while len(ctx.servers) < 2:
         start_server(ctx)
     pids = [ctx.server_pid(0), ctx.server_pid(1)]
+    if os.environ.get("BENCH_B3_SPREAD") == "1" and ctx.pinned:
+        pin(pids[1], CLIENT_CPUS)
+        result.notes.append("server 1 pinned to CPU 1, with the load generator and the fake upstream")
     profiling = os.environ.get("BENCH_PROFILE_B3") == "1"
     ran = []
+    ctx.load(_spec(ctx, WARMUP_CHATS), timeout=120)
     for n in _levels(ctx):
         # Rough cost of a level on this machine (open + chats + settle); skip what would not fit.
         needed = 15 + n * 0.12
@@ -107,10 +114,7 @@ def run(ctx: Context) -> BenchResult:
             continue
         time.sleep(1)
         baseline = sum(rss_mib(pid) for pid in pids)
-        spec = {"op": "ws_many", "n": n, "agent": WS_AGENT, "urls": [ctx.ws_url(0), ctx.ws_url(1)],
-                "origins": [ctx.origin(0), ctx.origin(1)],
-                "headers": [{"Authorization": f"Bearer {ctx.users['main'].key}"}],
-                "timeout": 30 + n * 0.1, "open_timeout": 30 + n * 0.05, "hold_seconds": 1.0}
+        spec = _spec(ctx, n)
         spy = Recording(ctx, pids, name=f"profile_b3_{n}") if profiling else None
         cpu = _CpuMeter(pids, _upstream_pid(ctx))
         with _PeakRss(pids) as peak:
@@ -126,6 +130,13 @@ def run(ctx: Context) -> BenchResult:
                                   **{k: round(v, 2) for k, v in cpu_figures.items()}}
     result.details["levels_run"] = ran
     return result
+
+
+def _spec(ctx: Context, n: int) -> dict:
+    return {"op": "ws_many", "n": n, "agent": WS_AGENT, "urls": [ctx.ws_url(0), ctx.ws_url(1)],
+            "origins": [ctx.origin(0), ctx.origin(1)],
+            "headers": [{"Authorization": f"Bearer {ctx.users['main'].key}"}],
+            "timeout": 30 + n * 0.1, "open_timeout": 30 + n * 0.05, "hold_seconds": 1.0}
 
 
 def _report(result: BenchResult, n: int, out: dict, growth_mib: float, peak_mib: float, baseline_mib: float) -> None:
