@@ -59,7 +59,7 @@ def _assert_complete_in_order(frames: list[dict]) -> list[dict]:
 
 
 async def _group_frames(layer: InMemoryChannelLayer, channel: str) -> list[dict]:
-    frames = []
+    frames: list[dict] = []
     while not frames or frames[-1]["type"] != "done":
         event = await asyncio.wait_for(layer.receive(channel), 5)
         assert event["origin"] == "asking-socket"
