@@ -8,7 +8,7 @@ bounded by a count and by time. Ops:
     closed  closed loop at concurrency c for a time or a count: throughput
     sse     streamed requests alternated across targets: time to first token, gaps between chunks
     ws_seq  websocket chats one after another: time to first delta, gaps between deltas
-    ws_many n websocket chats at once across several servers: completion, gaps (per frame and per upstream chunk)
+    ws_many n websocket chats at once across several servers: completion, gaps, delta frames per chat
     replay  a fixed sequence of (target, body) requests: latency per label, cache header
 """
 
@@ -243,8 +243,8 @@ async def op_ws_seq(spec: dict[str, Any]) -> dict[str, Any]:
 async def op_ws_many(spec: dict[str, Any]) -> dict[str, Any]:
     """n chats at once: all sockets open first (held at a barrier), then every chat sends at once."""
     n, urls = spec["n"], spec["urls"]
-    out = {"ttft": [], "gaps": [], "chunk_gaps": [], "chunks": [], "completed": 0, "failed": 0, "errors": 0,
-           "error_samples": [], "connect_failed": 0}
+    out = {"ttft": [], "gaps": [], "chunks": [], "completed": 0, "failed": 0, "errors": 0, "error_samples": [],
+           "connect_failed": 0}
     opened = 0
     all_open = asyncio.Event()
     go = asyncio.Event()
@@ -273,10 +273,6 @@ async def op_ws_many(spec: dict[str, Any]) -> dict[str, Any]:
             out["ttft"].append(result["ttft"])
             out["gaps"].extend(result["gaps"])
             out["chunks"].append(result["chunks"])
-            # Per upstream chunk: a chunk the server merged into the previous frame arrived with it (gap 0),
-            # as a burst of one frame per chunk would have.
-            merged = max(0, spec.get("chunks_per_reply", 0) - result["chunks"])
-            out["chunk_gaps"].extend(result["gaps"] + [0.0] * merged)
             out["completed"] += 1
         except (TimeoutError, RuntimeError, websockets.WebSocketException, ValueError, OSError) as exc:
             out["failed"] += 1

@@ -1,15 +1,14 @@
 """A generation's frames on their way out: to the socket that asked, directly, and to the conversation's group.
 
-Two paths, each drained by its own task so the generation never waits on either:
-
-- **The asking socket** gets every frame, in order, never through the channel layer. Frames that pile up
-  while its writer is busy (a burst of chunks read from the upstream at once, a send that waits on a full
-  transport) leave as one frame: consecutive deltas of one reply are merged, so a backed-up socket gets the
-  same text in fewer frames instead of a queue of one frame per chunk.
+- **The asking socket** gets every frame, in order, never through the channel layer. A send goes out at
+  once, from the generation's own task, while the socket keeps up (daphne's sends never wait: they fill
+  Twisted's buffer). Once a send has waited on its transport (backpressure), the socket gets a writer task
+  of its own: the generation stops waiting on it, and the deltas that pile up behind a send leave as one
+  frame, the pieces joined, instead of a queue of one frame per chunk.
 - **The group** (other tabs, other processes; best effort, pub/sub is at-most-once) gets deltas coalesced
-  into windows of GROUP_WINDOW_SECONDS: one PUBLISH per window instead of one per chunk, which also spares
-  every subscribed process a receive and a dispatch per chunk. Other frames go out at once, after the text
-  before them.
+  into windows of GROUP_WINDOW_SECONDS from its own task: one PUBLISH per window instead of one per chunk,
+  which also spares every subscribed process a receive and a dispatch per chunk. Other frames follow the
+  text before them at once.
 
 Frame shapes are docs/chat.md's: a merged delta is a delta whose content is the pieces joined.
 """
@@ -29,6 +28,8 @@ Deliver = Callable[[Frame], Awaitable[None]]
 # Long enough to gather several chunks of a stream (models send one every 10-50 ms), short enough that
 # another tab does not notice the lag.
 GROUP_WINDOW_SECONDS = 0.03
+# A send that took longer than this waited on its transport: the socket's later frames go through a writer.
+BACKED_UP_SECONDS = 0.005
 _END = None  # queued last: the path has nothing more to send
 
 
@@ -93,13 +94,20 @@ class GroupSender:
         self.window = window
         self._direct = _Outbox()
         self._grouped = _Outbox()
-        self._direct_task = asyncio.create_task(self._run_direct())
+        self._direct_task: asyncio.Task | None = None  # started once the socket is backed up
         self._group_task = asyncio.create_task(self._run_group()) if to_group else None
 
     async def emit(self, frame: Frame) -> None:
-        self._direct.put(frame)
         if self.to_group:
             self._grouped.put(frame)
+        if self._direct_task is not None:
+            self._direct.put(frame)
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._deliver(frame)
+        if loop.time() - started > BACKED_UP_SECONDS:
+            self._direct_task = asyncio.create_task(self._run_direct())
 
     async def close(self, timeout: float = 30.0) -> None:
         self._direct.put(_END)
@@ -118,12 +126,15 @@ class GroupSender:
         while True:
             frames, ended = await self._direct.take()
             for frame in merge_deltas(frames):
-                try:
-                    await self.deliver(frame)
-                except Exception:  # noqa: BLE001 - the socket went away: the generation goes on and is stored
-                    logger.warning("frame not delivered to its socket")
+                await self._deliver(frame)
             if ended:
                 return
+
+    async def _deliver(self, frame: Frame) -> None:
+        try:
+            await self.deliver(frame)
+        except Exception:  # noqa: BLE001 - the socket went away: the generation goes on and is stored
+            logger.warning("frame not delivered to its socket")
 
     # --- the group ----------------------------------------------------------------------------------
 
