@@ -66,6 +66,7 @@ class _CpuMeter:
 
     servers: list[int]
     upstream: int | None
+    server_cores: int = 1
 
     def __post_init__(self) -> None:
         self._start = self._read()
@@ -78,9 +79,10 @@ class _CpuMeter:
         end = self._read()
         wall, servers, upstream, loadgen = (b - a for a, b in zip(self._start, end, strict=True))
         figures = {"wall_s": wall, "servers_cpu_s": servers, "upstream_cpu_s": upstream, "loadgen_cpu_s": loadgen}
-        text = (f"CPU over the level's {wall:.0f} s: both servers {servers:.1f} s ({servers / wall * 100:.0f} % of "
-                f"their one core), fake upstream {upstream:.1f} s + load generator {loadgen:.1f} s "
-                f"({(upstream + loadgen) / wall * 100:.0f} % of theirs)")
+        cores = "their one core" if self.server_cores == 1 else f"{self.server_cores} cores"
+        text = (f"CPU over the level's {wall:.0f} s: both servers {servers:.1f} s "
+                f"({servers / wall / self.server_cores * 100:.0f} % of {cores}), fake upstream {upstream:.1f} s + "
+                f"load generator {loadgen:.1f} s ({(upstream + loadgen) / wall * 100:.0f} % of one core)")
         return text, figures
 
 
@@ -100,7 +102,8 @@ def run(ctx: Context) -> BenchResult:
     while len(ctx.servers) < 2:
         start_server(ctx)
     pids = [ctx.server_pid(0), ctx.server_pid(1)]
-    if os.environ.get("BENCH_B3_SPREAD") == "1" and ctx.pinned:
+    spread = os.environ.get("BENCH_B3_SPREAD") == "1" and ctx.pinned
+    if spread:
         pin(pids[1], CLIENT_CPUS)
         result.notes.append("server 1 pinned to CPU 1, with the load generator and the fake upstream")
     profiling = os.environ.get("BENCH_PROFILE_B3") == "1"
@@ -116,7 +119,7 @@ def run(ctx: Context) -> BenchResult:
         baseline = sum(rss_mib(pid) for pid in pids)
         spec = _spec(ctx, n)
         spy = Recording(ctx, pids, name=f"profile_b3_{n}") if profiling else None
-        cpu = _CpuMeter(pids, _upstream_pid(ctx))
+        cpu = _CpuMeter(pids, _upstream_pid(ctx), server_cores=2 if spread else 1)
         with _PeakRss(pids) as peak:
             out = ctx.load(spec, timeout=120 + n * 0.3)
         cpu_note, cpu_figures = cpu.note()
