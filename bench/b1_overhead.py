@@ -5,11 +5,20 @@ from __future__ import annotations
 from bench.harness import BenchResult, cpu_seconds, percentile
 from bench.setup import Context
 
+# Issue 13's goals, as it words them: "/v1 sequential added p50 <= 3 ms, p99 <= 10 ms; server CPU per call
+# <= 3 ms; closed loop c=32 >= 300 req/s on one process (stretch 400)". The open loop (a capacity probe the
+# issue sets no goal for) is informative; `errors == 0` guards the figures a failing call would make meaningless.
+SEQUENTIAL_GOALS: dict[int, float | None] = {50: 3, 99: 10}
+CPU_PER_CALL_GOAL_MS = 3
+CLOSED_LOOP_GOAL_RPS = 300
+CLOSED_LOOP_STRETCH_RPS = 400
 
-def _added(result: BenchResult, label: str, gw: list[float], direct: list[float], goals: dict[int, float]) -> None:
+
+def _added(result: BenchResult, label: str, gw: list[float], direct: list[float],
+           goals: dict[int, float | None]) -> None:
     for q, goal in goals.items():
         added = percentile(gw, q) - percentile(direct, q)
-        result.add(f"{label}: added p{q}", added, "ms", ("<=", goal),
+        result.add(f"{label}: added p{q}", added, "ms", ("<=", goal) if goal is not None else None,
                    note=f"direct {percentile(direct, q):.2f} / via aiwriter {percentile(gw, q):.2f}")
 
 
@@ -19,7 +28,7 @@ def run(ctx: Context) -> BenchResult:
     seq = ctx.load({"op": "seq", "targets": [ctx.direct(), ctx.gateway()], "n": n, "warmup": 30,
                     "max_seconds": ctx.allowance(60 if ctx.quick else 90)})
     direct, gw = seq["targets"]
-    _added(result, "sequential c=1", gw["lat"], direct["lat"], {50: 3, 99: 10})
+    _added(result, "sequential c=1", gw["lat"], direct["lat"], SEQUENTIAL_GOALS)
     result.add("sequential c=1: errors", direct["errors"] + gw["errors"], "", ("==", 0))
     if gw["db_queries"]:
         result.add("sequential c=1: DB queries per request (median)", percentile(gw["db_queries"], 50), "",
@@ -35,8 +44,8 @@ def run(ctx: Context) -> BenchResult:
         sides[side] = ctx.load({"op": "open", "target": target, "rate": rate, "duration": seconds},
                                timeout=seconds + 90)
     _added(result, f"open loop {rate} rps x {seconds} s", sides["aiwriter"]["bucket"]["lat"],
-           sides["direct"]["bucket"]["lat"], {50: 5, 99: 20})
-    result.add(f"open loop {rate} rps: errors", sides["aiwriter"]["bucket"]["errors"], "", ("==", 0),
+           sides["direct"]["bucket"]["lat"], {50: None, 99: None})
+    result.add(f"open loop {rate} rps: errors", sides["aiwriter"]["bucket"]["errors"], "",
                note=f"late sends by the generator: {sides['aiwriter']['late_sends']}")
     result.details["open_loop"] = {side: {"sent": s["sent"], "late_sends": s["late_sends"],
                                           "errors": s["bucket"]["error_samples"]} for side, s in sides.items()}
@@ -51,11 +60,14 @@ def run(ctx: Context) -> BenchResult:
                                  "warmup": 10}, timeout=seconds + 90)
         closed[side]["server_cpu"] = cpu_seconds(pid) - before
     gw_closed = closed["aiwriter"]
-    result.add("closed loop c=32: throughput via aiwriter", gw_closed["rps"], "req/s", (">=", 400),
-               note=f"direct {closed['direct']['rps']:.0f} req/s")
+    stretch = "met" if gw_closed["rps"] >= CLOSED_LOOP_STRETCH_RPS else "not met"
+    result.add("closed loop c=32: throughput via aiwriter (one process)", gw_closed["rps"], "req/s",
+               (">=", CLOSED_LOOP_GOAL_RPS),
+               note=f"stretch >= {CLOSED_LOOP_STRETCH_RPS}: {stretch}; direct {closed['direct']['rps']:.0f} req/s")
     if gw_closed["completed"]:
-        result.add("closed loop c=32: server CPU per request", gw_closed["server_cpu"] / gw_closed["completed"] * 1000,
-                   "ms", note="daphne process user+sys; 1000/this = req/s one core can serve")
+        result.add("closed loop c=32: server CPU per call", gw_closed["server_cpu"] / gw_closed["completed"] * 1000,
+                   "ms", ("<=", CPU_PER_CALL_GOAL_MS),
+                   note="daphne process user+sys; 1000/this = req/s one core can serve")
     result.add("closed loop c=32: errors", gw_closed["bucket"]["errors"], "", ("==", 0))
     # The floor of the stack itself: daphne + Django + middleware on a view that does nothing.
     before = cpu_seconds(pid)

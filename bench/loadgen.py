@@ -8,7 +8,7 @@ bounded by a count and by time. Ops:
     closed  closed loop at concurrency c for a time or a count: throughput
     sse     streamed requests alternated across targets: time to first token, gaps between chunks
     ws_seq  websocket chats one after another: time to first delta, gaps between deltas
-    ws_many n websocket chats at once across several servers: completion, gaps
+    ws_many n websocket chats at once across several servers: completion, gaps, delta frames per chat
     replay  a fixed sequence of (target, body) requests: latency per label, cache header
 """
 
@@ -243,7 +243,7 @@ async def op_ws_seq(spec: dict[str, Any]) -> dict[str, Any]:
 async def op_ws_many(spec: dict[str, Any]) -> dict[str, Any]:
     """n chats at once: all sockets open first (held at a barrier), then every chat sends at once."""
     n, urls = spec["n"], spec["urls"]
-    out = {"ttft": [], "gaps": [], "completed": 0, "failed": 0, "errors": 0, "error_samples": [],
+    out = {"ttft": [], "gaps": [], "chunks": [], "completed": 0, "failed": 0, "errors": 0, "error_samples": [],
            "connect_failed": 0}
     opened = 0
     all_open = asyncio.Event()
@@ -272,6 +272,7 @@ async def op_ws_many(spec: dict[str, Any]) -> dict[str, Any]:
             result = await _ws_chat(ws, spec, i, spec.get("timeout", 60))
             out["ttft"].append(result["ttft"])
             out["gaps"].extend(result["gaps"])
+            out["chunks"].append(result["chunks"])
             out["completed"] += 1
         except (TimeoutError, RuntimeError, websockets.WebSocketException, ValueError, OSError) as exc:
             out["failed"] += 1

@@ -2,6 +2,7 @@
 
     python -m bench.run --only none --profile          (collapsed stacks in var/bench/profile.txt)
     BENCH_PROFILE_WS=1 python -m bench.run --only none --profile     (websocket chat turns instead)
+    BENCH_PROFILE_B3=1 python -m bench.run --only 3                  (both servers during each level of bench 3)
 
 Prints the functions with the most samples (own and cumulative), so a fix can target what dominates.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 from collections import Counter
@@ -20,9 +22,52 @@ from bench.setup import Context
 _OURS = ("aiwriter/", "agents/", "usage/", "conversations/")
 
 
-def profile(ctx: Context, seconds: float = 8.0, stream: bool = False, concurrency: int = 8) -> str:
+def _py_spy(ctx: Context) -> str | None:
     spy = shutil.which("py-spy") or str(Path(ctx.env.get("VIRTUAL_ENV", ".venv")) / "bin" / "py-spy")
-    if not Path(spy).exists() and not shutil.which("py-spy"):
+    return spy if Path(spy).exists() else None
+
+
+class Recording:
+    """py-spy on several processes at once, from now until finish() (bounded by `max_seconds`)."""
+
+    def __init__(self, ctx: Context, pids: list[int], name: str, max_seconds: float = 600):
+        self.outputs = [ctx.log_dir / f"{name}_{i}.txt" for i in range(len(pids))]
+        self.procs: list[subprocess.Popen] = []
+        spy = _py_spy(ctx)
+        if spy is None:
+            return
+        for pid, out in zip(pids, self.outputs, strict=True):
+            out.unlink(missing_ok=True)
+            cmd = [spy, "record", "-p", str(pid), "-d", str(int(max_seconds)), "-r", "100", "-f", "raw",
+                   "-o", str(out), "--nonblocking"]
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True))
+
+    def finish(self) -> list[str]:
+        """Stops the recorders (py-spy writes its file on SIGINT); one summary line per process."""
+        if not self.procs:
+            return ["py-spy is not installed: no profile"]
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        lines = []
+        for proc, out in zip(self.procs, self.outputs, strict=True):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            if not out.exists():
+                lines.append(f"py-spy produced no profile ({out.name})")
+                continue
+            shares = ", ".join(f"{name} {share:.0f} %" for name, share in categorize(out)[:8])
+            lines.append(f"{out.name}: {shares}")
+        return lines
+
+
+def profile(ctx: Context, seconds: float = 8.0, stream: bool = False, concurrency: int = 8) -> str:
+    spy = _py_spy(ctx)
+    if spy is None:
         return "py-spy is not installed (pip install py-spy): no profile"
     out = ctx.log_dir / "profile.txt"
     cmd = [spy, "record", "-p", str(ctx.server_pid()), "-d", str(int(seconds)), "-r", "200", "-f", "raw",

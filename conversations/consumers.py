@@ -20,6 +20,7 @@ from aiwriter import parsers as json_body
 from aiwriter.errors import ApiError, message_from_detail
 from aiwriter.ws_auth import credential_is_live_async
 from conversations import services, turnstart
+from conversations.fanout import GroupSender
 from conversations.generation import error_frame, run_exchange
 from conversations.serializers import MessageFrameInput
 
@@ -66,65 +67,6 @@ class ChannelLayerUnavailable(ApiError):
     code = "service_unavailable"
     message = "Live updates are unavailable right now; try again shortly."
     retryable = True
-
-
-class GroupSender:
-    """Sends a generation's frames to the socket that asked, directly, and to its group, in order, from one task.
-
-    The asking socket never waits on the channel layer, nor loses a frame to it: the group (other tabs,
-    other processes) is best effort. Deltas that pile up while a group send is in flight are merged into one
-    frame, so a slow channel layer batches text instead of holding the stream back.
-    """
-
-    def __init__(self, channel_layer, group: str, *, origin: str,
-                 deliver: Callable[[dict[str, Any]], Awaitable[None]], to_group: bool = True):
-        self.channel_layer = channel_layer
-        self.group = group
-        self.origin = origin  # the asking socket's channel: it skips its own frames coming back from the group
-        self.deliver = deliver
-        self.to_group = to_group  # False when the socket could not join the group (channel layer down)
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.task = asyncio.create_task(self._run()) if to_group else None
-
-    async def emit(self, frame: dict[str, Any]) -> None:
-        try:
-            await self.deliver(frame)
-        except Exception:  # noqa: BLE001 - the socket went away: the generation goes on and is stored
-            logger.warning("frame not delivered to its socket")
-        if self.to_group:
-            self.queue.put_nowait(frame)
-
-    async def close(self, timeout: float = 30.0) -> None:
-        if self.task is None:
-            return
-        self.queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout)
-        except (TimeoutError, asyncio.CancelledError):
-            self.task.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            frame = await self.queue.get()
-            if frame is None:
-                return
-            while frame["type"] == "delta" and not self.queue.empty():
-                following = self.queue.get_nowait()
-                if following is not None and following["type"] == "delta" and following["message"] == frame["message"]:
-                    frame = {**frame, "content": frame["content"] + following["content"]}
-                    continue
-                await self._send(frame)
-                frame = following
-                if frame is None:
-                    return
-            await self._send(frame)
-
-    async def _send(self, frame: dict[str, Any]) -> None:
-        try:
-            await self.channel_layer.group_send(self.group, {"type": "chat.frame", "frame": frame,
-                                                             "origin": self.origin})
-        except Exception:  # noqa: BLE001 - a lost frame must not kill the generation; the message is stored
-            logger.exception("group_send to %s failed", self.group)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):

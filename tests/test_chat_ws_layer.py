@@ -8,7 +8,7 @@ from channels.layers import InMemoryChannelLayer
 from django.core.management import call_command
 
 from aiwriter import redis as shared_redis
-from conversations.consumers import GroupSender
+from conversations.fanout import GroupSender
 
 
 @pytest.mark.redis
