@@ -3,7 +3,8 @@
     python -m bench.run --only none --compare bench.settings_before_round2
 
 In the server that loads these settings only: the upstream call through the SDK's `post` per call, daphne's
-requests with twisted's form parsing, and the async pool's slot taken through `asyncio.wait_for`. (The SQL text
+requests with twisted's form parsing, the async pool's slot taken through `asyncio.wait_for`, and the message
+storage built on every request. (The SQL text
 built once per shape is not undone: a few percent at most.)
 """
 
@@ -15,8 +16,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from django.contrib.messages import middleware as messages
+
 from agents.llm import providers
-from aiwriter import dbpool
+from aiwriter import asyncmw, dbpool
 from aiwriter.settings import *  # noqa: F403
 
 
@@ -49,3 +52,5 @@ dbpool.AsyncPool.connection = _connection  # type: ignore[method-assign, assignm
 _daphne = sys.modules.get("daphne.http_protocol")
 if _daphne is not None:
     _daphne.WebRequest._aiwriter_no_form_parsing = True  # type: ignore[attr-defined]  # apply() then does nothing
+asyncmw.MessageMiddleware.process_request = messages.MessageMiddleware.process_request  # type: ignore[method-assign]
+asyncmw.MessageMiddleware.process_response = messages.MessageMiddleware.process_response  # type: ignore[method-assign]
