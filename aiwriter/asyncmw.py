@@ -20,7 +20,7 @@ from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.messages.storage import default_storage
 from django.contrib.sessions import middleware as sessions
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.middleware import clickjacking, common, csrf, security
 from django.utils.functional import SimpleLazyObject, empty
 
@@ -99,9 +99,9 @@ class MessageMiddleware(InlineAsyncMixin, messages.MessageMiddleware):
     cookie signer and the session's storage, ~2 % of the CPU of a /v1 call, which never uses messages."""
 
     def process_request(self, request: HttpRequest) -> None:
-        request._messages = SimpleLazyObject(lambda: default_storage(request))  # type: ignore[attr-defined]
+        request._messages = SimpleLazyObject(lambda: default_storage(request))
 
-    def process_response(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         if not _messages_used(request):
             return response  # nothing read nor added: nothing to store
         return super().process_response(request, response)
@@ -110,14 +110,14 @@ class MessageMiddleware(InlineAsyncMixin, messages.MessageMiddleware):
     def _response_needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
         if not _messages_used(request):
             return False
-        storage = request._messages  # type: ignore[attr-defined]
+        storage = request._messages
         return bool(storage.used or storage.added_new)
 
 
 def _messages_used(request: HttpRequest) -> bool:
     storage = getattr(request, "_messages", None)
     if isinstance(storage, SimpleLazyObject):
-        return storage._wrapped is not empty  # type: ignore[attr-defined]
+        return storage._wrapped is not empty
     return storage is not None
 
 

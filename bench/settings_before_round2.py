@@ -48,9 +48,9 @@ async def _connection(self: Any) -> AsyncIterator[Any]:
 
 
 providers._Wire.send = _sdk_post  # type: ignore[method-assign]
-dbpool.AsyncPool.connection = _connection  # type: ignore[method-assign, assignment]
+dbpool.AsyncPool.connection = _connection  # type: ignore[method-assign]
 _daphne = sys.modules.get("daphne.http_protocol")
 if _daphne is not None:
-    _daphne.WebRequest._aiwriter_no_form_parsing = True  # type: ignore[attr-defined]  # apply() then does nothing
+    _daphne.WebRequest._aiwriter_no_form_parsing = True  # apply() then does nothing
 asyncmw.MessageMiddleware.process_request = messages.MessageMiddleware.process_request  # type: ignore[method-assign]
 asyncmw.MessageMiddleware.process_response = messages.MessageMiddleware.process_response  # type: ignore[method-assign]

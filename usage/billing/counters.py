@@ -44,7 +44,8 @@ class Upsert:
         """The statement and its parameters, for either backend (numbers and dates as both compare them)."""
         values = [*self.keys.values(), *self.adds.values()]
         numeric = tuple(isinstance(value, Decimal) for value in values)
-        params = [_num(value) if is_number else _date_param(value) for value, is_number in zip(values, numeric)]
+        params = [_num(value) if is_number else _date_param(value)
+                  for value, is_number in zip(values, numeric, strict=True)]
         return _upsert_sql(self.model, tuple(self.keys), tuple(self.adds), self.returning, numeric), params
 
     def execute(self) -> tuple[Any, ...] | None:

@@ -171,7 +171,7 @@ def record_statement(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, co
 def _record_insert() -> tuple[list[Any], str]:
     """The record's columns and its INSERT from one JSON parameter: the same on every call, so built once."""
     fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key and f.column]
-    columns = ", ".join(_q(f.column) for f in fields)
+    columns = ", ".join(_q(f.column) for f in fields if f.column)
     table = _q(UsageRecord._meta.db_table)
     return fields, (f"rec AS (INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record("
                     f"NULL::{table}, %s::jsonb) RETURNING id)")
