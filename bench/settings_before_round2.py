@@ -16,10 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from django.contrib.messages import middleware as messages
-
 from agents.llm import providers
-from aiwriter import asyncmw, dbpool
+from aiwriter import dbpool
 from aiwriter.settings import *  # noqa: F403
 
 
@@ -52,5 +50,21 @@ dbpool.AsyncPool.connection = _connection  # type: ignore[method-assign]
 _daphne = sys.modules.get("daphne.http_protocol")
 if _daphne is not None:
     _daphne.WebRequest._aiwriter_no_form_parsing = True  # apply() then does nothing
-asyncmw.MessageMiddleware.process_request = messages.MessageMiddleware.process_request  # type: ignore[method-assign]
-asyncmw.MessageMiddleware.process_response = messages.MessageMiddleware.process_response  # type: ignore[method-assign]
+MIDDLEWARE = [f"{__name__}.EagerMessageMiddleware" if m == "aiwriter.asyncmw.MessageMiddleware" else m
+              for m in MIDDLEWARE]  # noqa: F405
+
+
+def __getattr__(name: str) -> Any:
+    """EagerMessageMiddleware, built when Django loads the middleware (its imports need the apps ready)."""
+    if name != "EagerMessageMiddleware":
+        raise AttributeError(name)
+    from django.contrib.messages import middleware as messages
+
+    from aiwriter import asyncmw
+
+    class EagerMessageMiddleware(asyncmw.MessageMiddleware):
+        process_request = messages.MessageMiddleware.process_request
+        process_response = messages.MessageMiddleware.process_response
+
+    globals()[name] = EagerMessageMiddleware
+    return EagerMessageMiddleware
