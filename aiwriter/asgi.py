@@ -5,7 +5,10 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aiwriter.settings")
 django.setup(set_prefix=False)  # as django.core.asgi.get_asgi_application, with our handler (no thread hops)
 
+from aiwriter import daphne_tuning  # noqa: E402
 from aiwriter.asgi_handler import LoopASGIHandler  # noqa: E402
+
+daphne_tuning.apply()
 
 django_asgi_app = LoopASGIHandler()
 

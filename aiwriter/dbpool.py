@@ -119,7 +119,11 @@ class AsyncPool:
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
         try:
-            await asyncio.wait_for(self.slots.acquire(), self.timeout)
+            if self.slots.locked():  # all in use (or others waiting first): wait, at most the pool's timeout
+                async with asyncio.timeout(self.timeout):
+                    await self.slots.acquire()
+            else:
+                await self.slots.acquire()  # a free slot: taken at once, with no timer nor task (wait_for has both)
         except TimeoutError:
             self.stats["requests_errors"] += 1
             raise PoolTimeout(f"no connection free within {self.timeout} s") from None

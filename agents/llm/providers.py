@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -102,10 +103,11 @@ def _retry_after(value: str | None) -> float | None:
 class OpenAICompatibleProvider:
     """Any OpenAI-compatible endpoint, through the official SDK with our base_url.
 
-    The SDK's low-level `post` sends the call (its auth, base_url, timeouts, connection pool and status errors) and
-    hands back the raw streamed response; we read its events as plain dicts (agents/llm/sse.py). The typed
-    `chat.completions.create` cost a request-body transform per call and pydantic objects per chunk: about a third of
-    the server's CPU for a /v1 call (docs/BENCHMARKS.md)."""
+    The SDK's client holds the base_url, key, timeouts and connection pool; its HTTP client sends the call, with the
+    request's URL, headers and timeout built once per client (`_Wire`), and its status errors are the SDK's own. We
+    read the events as plain dicts (agents/llm/sse.py). The typed `chat.completions.create` cost a request-body
+    transform per call and pydantic objects per chunk (about a third of the server's CPU for a /v1 call), and the
+    SDK's `post` another ~8 % in options, header merging and URL parsing per call (docs/BENCHMARKS.md)."""
 
     def __init__(self, *, base_url: str = "", api_key: str = "", timeout: float = 60.0,
                  client: Any = None) -> None:
@@ -117,6 +119,7 @@ class OpenAICompatibleProvider:
         # stream, which we bill and keep) and reports a refused connection as a timeout: docs/BENCHMARKS.md.
         self.client = client or openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none",
                                                    timeout=timeout, max_retries=0)
+        self._wire: _Wire | None = None
 
     @staticmethod
     def body(request: ChatRequest, upstream_model: str) -> dict[str, Any]:
@@ -138,11 +141,10 @@ class OpenAICompatibleProvider:
 
     async def stream(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
         """Deltas, then Usage if the upstream reported it. Failures raise LLMError (see map_error)."""
-        import httpx2
-
+        if self._wire is None:
+            self._wire = _Wire(self.client)
         try:
-            response = await self.client.post("/chat/completions", cast_to=httpx2.Response,
-                                              body=self.body(request, upstream_model), stream=True)
+            response = await self._wire.send(self.body(request, upstream_model))
         except Exception as exc:  # noqa: BLE001 - mapped to LLMError or re-raised
             raise map_error(exc, self.api_key) from None
         usage: Usage | None = None
@@ -177,6 +179,43 @@ class OpenAICompatibleProvider:
                 pass
         if usage is not None:
             yield usage
+
+
+class _Wire:
+    """The SDK's `post` for our one call, minus its per-call work: the URL, headers and timeout are the SDK client's
+    own (its default and auth headers), computed once; the errors are those `post` raises (status errors through
+    the SDK's own mapping, a timeout as APITimeoutError, a failed connection as APIConnectionError)."""
+
+    def __init__(self, client: Any) -> None:
+        import httpx2
+        import openai
+
+        self.client = client
+        self.url = httpx2.URL(str(client.base_url).rstrip("/") + "/chat/completions")
+        headers = {k: v for k, v in client.default_headers.items() if not isinstance(v, openai.Omit)}
+        self.headers = {**headers, **client.auth_headers}
+        timeout = client.timeout if isinstance(client.timeout, httpx2.Timeout) else httpx2.Timeout(client.timeout)
+        self.extensions = {"timeout": timeout.as_dict()}
+
+    async def send(self, body: dict[str, Any]) -> Any:
+        import httpx2
+        import openai
+
+        request = httpx2.Request("POST", self.url, headers=self.headers, content=json.dumps(body).encode(),
+                                 extensions=self.extensions)
+        try:
+            response = await self.client._client.send(request, stream=True)
+        except httpx2.TimeoutException:
+            raise openai.APITimeoutError(request=request) from None
+        except Exception as exc:
+            raise openai.APIConnectionError(request=request) from exc
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise self.client._make_status_error_from_response(response)
+        return response
 
 
 def _delta(chunk: dict[str, Any]) -> TextDelta | None:

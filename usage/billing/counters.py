@@ -5,6 +5,7 @@ one-statement PostgreSQL record (usage.billing.recording.record_statement)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -17,6 +18,7 @@ from django.db import connection, transaction
 from django.db.models import Model, Q
 from django.utils import timezone
 
+from aiwriter.db import vendor as db_vendor
 from aiwriter.money import ZERO, quantize
 from usage import periods
 from usage.billing.calls import CallMeta, CallPlan
@@ -40,32 +42,37 @@ class Upsert:
 
     def sql(self) -> tuple[str, list[Any]]:
         """The statement and its parameters, for either backend (numbers and dates as both compare them)."""
-        table = _q(self.model._meta.db_table)
-        cols = [*self.keys, *self.adds]
-        values = []
-        params: list[Any] = []
-        for value in [*self.keys.values(), *self.adds.values()]:
-            if isinstance(value, Decimal):
-                values.append("CAST(%s AS NUMERIC)")
-                params.append(_num(value))
-            elif isinstance(value, date) and not isinstance(value, datetime):
-                values.append("%s")
-                params.append(connection.ops.adapt_datefield_value(value))
-            else:
-                values.append("%s")
-                params.append(value)
-        sets = ", ".join(f"{_q(c)} = {table}.{_q(c)} + EXCLUDED.{_q(c)}" for c in self.adds)
-        sql = (f"INSERT INTO {table} ({', '.join(_q(c) for c in cols)}) VALUES ({', '.join(values)}) "
-               f"ON CONFLICT ({', '.join(_q(c) for c in self.keys)}) DO UPDATE SET {sets}")
-        if self.returning:
-            sql += " RETURNING " + ", ".join(_q(c) for c in self.returning)
-        return sql, params
+        values = [*self.keys.values(), *self.adds.values()]
+        numeric = tuple(isinstance(value, Decimal) for value in values)
+        params = [_num(value) if is_number else _date_param(value)
+                  for value, is_number in zip(values, numeric, strict=True)]
+        return _upsert_sql(self.model, tuple(self.keys), tuple(self.adds), self.returning, numeric), params
 
     def execute(self) -> tuple[Any, ...] | None:
         sql, params = self.sql()
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchone() if self.returning else None
+
+
+def _date_param(value: Any) -> Any:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value if db_vendor() == "postgresql" else str(value)  # as the backend's adapt_datefield_value
+    return value
+
+
+@functools.cache
+def _upsert_sql(model: type[Model], keys: tuple[str, ...], adds: tuple[str, ...], returning: tuple[str, ...],
+                numeric: tuple[bool, ...]) -> str:
+    """An upsert's text, built once per shape: the hot path writes the same few on every call."""
+    table = _q(model._meta.db_table)
+    values = ", ".join("CAST(%s AS NUMERIC)" if is_number else "%s" for is_number in numeric)
+    sets = ", ".join(f"{_q(c)} = {table}.{_q(c)} + EXCLUDED.{_q(c)}" for c in adds)
+    sql = (f"INSERT INTO {table} ({', '.join(_q(c) for c in (*keys, *adds))}) VALUES ({values}) "
+           f"ON CONFLICT ({', '.join(_q(c) for c in keys)}) DO UPDATE SET {sets}")
+    if returning:
+        sql += " RETURNING " + ", ".join(_q(c) for c in returning)
+    return sql
 
 
 def quota_scopes(meta: CallMeta) -> list[str]:

@@ -3,6 +3,7 @@ transaction (one statement on PostgreSQL's common case)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -128,12 +129,9 @@ def record_statement(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, co
     record = new_record(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge)
     # The record's values travel as one JSON parameter: psycopg caches the parsing of a statement only up to 4 kB
     # and 50 parameters, and a literal per column would take this one past both.
-    fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key and f.column]
-    columns = ", ".join(_q(f.column) for f in fields if f.column)
-    table = _q(UsageRecord._meta.db_table)
+    fields, insert = _record_insert()
     params: list[Any] = [json.dumps({f.column: f.pre_save(record, True) for f in fields}, default=str)]
-    ctes = [f"rec AS (INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{table}, "
-            f"%s::jsonb) RETURNING id)"]
+    ctes = [insert]
     settles = bool(plan.reservation_id) or to_charge > 0
     if plan.reservation_id:
         ctes.append(f"res AS (UPDATE {_q(Reservation._meta.db_table)} SET status = %s, settled_at = %s, "
@@ -167,6 +165,16 @@ def record_statement(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome, co
     picks += [f"(SELECT tokens FROM u{i}), (SELECT cost FROM u{i})" for i in range(len(scopes))]
     sql = "WITH " + ", ".join(ctes) + " SELECT " + ", ".join(picks)
     return RecordStatement(record=record, sql=sql, params=params, scopes=scopes)
+
+
+@functools.cache
+def _record_insert() -> tuple[list[Any], str]:
+    """The record's columns and its INSERT from one JSON parameter: the same on every call, so built once."""
+    fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key and f.column]
+    columns = ", ".join(_q(f.column) for f in fields if f.column)
+    table = _q(UsageRecord._meta.db_table)
+    return fields, (f"rec AS (INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_record("
+                    f"NULL::{table}, %s::jsonb) RETURNING id)")
 
 
 # The record statement's "not covered" signal (division_by_zero): roll back and take the general path.

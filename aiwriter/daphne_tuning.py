@@ -1,0 +1,30 @@
+"""Daphne's HTTP requests without twisted's form parsing: an API body is never read as a form here.
+
+Twisted parses a POST body into `request.args` when its Content-Type is a form, and to find out it runs the stdlib
+e-mail header parser on the Content-Type of every POST: about 5 % of the server's CPU for a /v1 call
+(docs/BENCHMARKS.md). Daphne never reads `request.args` (it hands the raw body to the ASGI app, which parses forms
+itself), so its requests are built with twisted's own switch for that, `parsePOSTFormSubmission=False` (which
+twisted also recommends against the memory a large upload takes).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def apply() -> None:
+    """In a daphne process (its HTTP module already imported), its request class without form parsing; else nothing."""
+    module = sys.modules.get("daphne.http_protocol")
+    base = getattr(module, "WebRequest", None)
+    if base is None or getattr(base, "_aiwriter_no_form_parsing", False):
+        return
+
+    class WebRequest(base):  # type: ignore[misc, valid-type]
+        _aiwriter_no_form_parsing = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["parsePOSTFormSubmission"] = False
+            super().__init__(*args, **kwargs)
+
+    module.WebRequest = WebRequest  # type: ignore[union-attr]  # looked up by HTTPFactory.buildProtocol per connection
