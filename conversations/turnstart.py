@@ -173,23 +173,20 @@ async def _create_conversation(user: Any, api_key: Any, slug_or_id: Any, project
     Also returns the dedupe cache write, under way meanwhile (the caller awaits it before it returns)."""
     if not isinstance(slug_or_id, str) or not slug_or_id:
         raise services.UnknownAgent()  # the frame's agent is a string; resolve_agent finds nothing else either
-    row = await _fetchone(*turnsql.agent_statement(slug_or_id, api_key))
-    if row is None:
-        raise services.UnknownAgent()
-    agent = turnsql.agent_from_row(row[:-1])
-    if not row[-1]:
-        raise services.UnknownAgent()  # check_key_access
     since = timezone.now() - timedelta(seconds=settings.CONVERSATION_DEDUPE_SECONDS)
-    draft = Conversation(owner=user, agent=agent, project=project, title="")
-    sql, params = turnsql.create_statement(draft, new=new, client_id=client_id, since=since)
+    draft = Conversation(owner=user, project=project, title="")
+    # The agent's lookup and key check are part of the create: one round trip (no row: unknown or not allowed).
+    sql, params = turnsql.create_statement(draft, slug_or_id=slug_or_id, api_key=api_key, new=new,
+                                           client_id=client_id, since=since)
     if new and not client_id:
         row = await _fetchone(sql, params)  # nothing to check: one INSERT
     else:
         row = await _checked_create(user.pk, sql, params)
-    assert row is not None
+    if row is None:
+        raise services.UnknownAgent()  # resolve_agent or check_key_access; nothing was written
     n = turnsql.width(Conversation)
     conversation = turnsql.from_row(Conversation, row[:n])
-    conversation.agent = agent
+    conversation.agent = turnsql.agent_from_row(row[n + 2:])
     created, replay_possible = bool(row[n]), bool(row[n + 1])
     remembered = asyncio.ensure_future(_remember_for_dedupe(conversation)) if created or not new else None
     return conversation, replay_possible, remembered

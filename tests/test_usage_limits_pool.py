@@ -6,6 +6,7 @@ sync path's (holds.begin_call): the same refusals, and a refused call holds noth
 """
 
 from decimal import Decimal
+from typing import cast
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -31,7 +32,7 @@ def _user_with(*, account_tokens: int = 0, project_tokens: int = 0, used: int = 
                spent: str = "") -> tuple:
     user = make_user()
     grant_credits(user=user, amount=Decimal("1"), reason="t", created_by=None)
-    key, _ = make_api_key(user, project="blog")
+    key = cast(ApiKey, make_api_key(user, project="blog")[0])
     period = periods.month_start(timezone.now())
     if account_tokens:
         Quota.objects.create(user=user, monthly_token_limit=account_tokens)
