@@ -4,7 +4,9 @@
 services.create_conversation (with its 5-minute dedupe) or selectors.conversation_for, then
 services.begin_exchange — with the database work as single statements on aiwriter.dbpool (conversations.turnsql)
 and the Redis steps (the conversation lock and per-user slot, the key's rate limits, sequence numbers) on the
-async Redis client. A usual turn costs three or four statements and three Redis scripts, all on the loop.
+async Redis client. A usual turn costs three statements (the create with its agent's lookup, or the lookup; the
+reads after the lock; the insert) and two Redis scripts (the lock; the sequence numbers, which a conversation
+the turn created sets while the insert runs), all on the loop.
 
 The sync services stay the reference and the fallback (through sync_to_async): SQLite and DB_ASYNC_POOL off
 (dbpool.enabled()), no Redis or Redis down (the database lease path), no free pool connection, and the rare
