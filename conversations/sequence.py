@@ -72,17 +72,18 @@ def next_sequences_db(conversation_id: int, count: int) -> list[int]:
     return list(range(last + 1, last + count + 1))
 
 
+# KEYS: the counter. ARGV: at least this, ttl seconds. The counter only ever moves up.
+BUMP = ("local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+        "if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end return 1")
+
+
 def _bump_redis(conversation_id: int, at_least: int) -> None:
     """Moves the Redis counter past numbers the database handed out, so the fast path resumes safely."""
     client = shared_redis.get_redis()
     if client is None or not redis_guard.available():
         return
     try:
-        client.eval(
-            "local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
-            "if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end return 1",
-            1, _counter_key(conversation_id), at_least, _COUNTER_TTL_SECONDS,
-        )
+        client.eval(BUMP, 1, _counter_key(conversation_id), at_least, _COUNTER_TTL_SECONDS)
     except redis.RedisError as exc:
         redis_guard.failed("sequence numbers", exc)
 

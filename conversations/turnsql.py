@@ -88,13 +88,14 @@ def agent_from_row(values: Any) -> Agent:
     return agent
 
 
-def agent_statement(slug_or_id: str, api_key: Any) -> tuple[str, list[Any]]:
+def agent_statement(slug_or_id: str, api_key: Any, *, also: str = "") -> tuple[str, list[Any]]:
     """services.resolve_agent (an enabled agent by slug, else by id) and whether the key may use it.
     Row: agent, model, fallback model columns, then key access."""
     pk = int(slug_or_id) if slug_or_id.isdigit() and len(slug_or_id) < 19 else None
     access, access_params = _key_access(api_key, "a.model_id")
-    sql = (f"SELECT {columns(Agent, 'a')}, {columns(LLMModel, 'm')}, {columns(LLMModel, 'f')}, {access} "
-           f"FROM {table(Agent)} a {_AGENT_JOINS} WHERE a.enabled AND (a.slug = %s OR a.id = %s) "
+    sql = (f"SELECT {columns(Agent, 'a')}, {columns(LLMModel, 'm')}, {columns(LLMModel, 'f')}, "
+           f"{access} AS allowed{also} FROM {table(Agent)} a {_AGENT_JOINS} "
+           f"WHERE a.enabled AND (a.slug = %s OR a.id = %s) "
            f"ORDER BY (a.slug = %s) DESC LIMIT 1")
     return sql, [*access_params, slug_or_id, pk, slug_or_id]
 
@@ -118,16 +119,27 @@ def owned_statement(*, user_id: int, conversation_id: int) -> tuple[str, list[An
             [conversation_id, user_id])
 
 
-def create_statement(conversation: Conversation, *, new: bool, client_id: str | None,
-                     since: datetime) -> tuple[str, list[Any]]:
-    """services.create_conversation's check-then-insert (run under its advisory lock, in a transaction, when it
-    checks): the newest recent conversation with this agent and project (with `new`, only one the client_id
-    was sent to), else a new one. Row: conversation columns, created, replay."""
+def create_statement(conversation: Conversation, *, slug_or_id: str, api_key: Any, new: bool,
+                     client_id: str | None, since: datetime) -> tuple[str, list[Any]]:
+    """services.resolve_agent and create_conversation's check-then-insert in one statement (run under its advisory
+    lock, in a transaction, when it checks): the agent as agent_statement picks it, if the key may use it, then the
+    newest recent conversation with this agent and project (with `new`, only one the client_id was sent to), else
+    a new one. Row: conversation columns, created, replay, then the agent, model and fallback model columns; no
+    row (and nothing written) when there is no such agent or the key may not use it. `conversation` is the draft
+    without its agent."""
+    pick, pick_params = agent_statement(slug_or_id, api_key, also=", a.id AS picked_agent_id")
+    agent_cte = f"WITH ag AS (SELECT * FROM ({pick}) pick WHERE pick.allowed)"
     names, values = insert_values(conversation)
+    slots = ["%s"] * len(values)
+    agent_slot = names.index(q(str(Conversation._meta.get_field("agent").column)))
+    slots[agent_slot] = "(SELECT picked_agent_id FROM ag)"
+    del values[agent_slot]
     insert = (f"INSERT INTO {table(Conversation)} ({', '.join(names)}) "
-              f"SELECT {', '.join(['%s'] * len(values))} ")
+              f"SELECT {', '.join(slots)} WHERE EXISTS (SELECT 1 FROM ag) ")
     if new and not client_id:
-        return f"{insert} RETURNING {columns(Conversation)}, true, false", values
+        return (f"{agent_cte}, created AS ({insert} RETURNING {columns(Conversation)}) "
+                f"SELECT {columns(Conversation, 'created')}, true, false, ag.* FROM created, ag"), \
+            [*pick_params, *values]
     if new:
         match = (f"AND EXISTS (SELECT 1 FROM {table(Message)} WHERE conversation_id = c.id AND client_id = %s) "
                  f"ORDER BY c.updated_at DESC")
@@ -135,14 +147,14 @@ def create_statement(conversation: Conversation, *, new: bool, client_id: str | 
     else:
         match, match_params = "ORDER BY c.created_at DESC", []
     replay, replay_params = _replay_exists("c.id", client_id)
-    sql = (f"WITH existing AS (SELECT {columns(Conversation, 'c')}, {replay} AS replay "
-           f"FROM {table(Conversation)} c WHERE c.owner_id = %s AND c.agent_id = %s AND c.project = %s "
-           f"AND c.deleted_at IS NULL AND c.created_at >= %s {match} LIMIT 1), "
-           f"created AS ({insert} WHERE NOT EXISTS (SELECT 1 FROM existing) RETURNING {columns(Conversation)}) "
-           f"SELECT {columns(Conversation, 'created')}, true, false FROM created "
-           f"UNION ALL SELECT {columns(Conversation, 'existing')}, false, existing.replay FROM existing")
-    params = [*replay_params, conversation.owner_id, conversation.agent_id, conversation.project, since,
-              *match_params, *values]
+    sql = (f"{agent_cte}, existing AS (SELECT {columns(Conversation, 'c')}, {replay} AS replay "
+           f"FROM {table(Conversation)} c WHERE c.owner_id = %s AND c.agent_id = (SELECT picked_agent_id FROM ag) "
+           f"AND c.project = %s AND c.deleted_at IS NULL AND c.created_at >= %s {match} LIMIT 1), "
+           f"created AS ({insert} AND NOT EXISTS (SELECT 1 FROM existing) RETURNING {columns(Conversation)}) "
+           f"SELECT {columns(Conversation, 'created')}, true, false, ag.* FROM created, ag "
+           f"UNION ALL SELECT {columns(Conversation, 'existing')}, false, existing.replay, ag.* FROM existing, ag")
+    params = [*pick_params, *replay_params, conversation.owner_id, conversation.project, since, *match_params,
+              *values]
     return sql, params
 
 

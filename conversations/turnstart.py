@@ -4,7 +4,9 @@
 services.create_conversation (with its 5-minute dedupe) or selectors.conversation_for, then
 services.begin_exchange — with the database work as single statements on aiwriter.dbpool (conversations.turnsql)
 and the Redis steps (the conversation lock and per-user slot, the key's rate limits, sequence numbers) on the
-async Redis client. A usual turn costs three or four statements and three Redis scripts, all on the loop.
+async Redis client. A usual turn costs three statements (the create with its agent's lookup, or the lookup; the
+reads after the lock; the insert) and two Redis scripts (the lock; the sequence numbers, which a conversation
+the turn created sets while the insert runs), all on the loop.
 
 The sync services stay the reference and the fallback (through sync_to_async): SQLite and DB_ASYNC_POOL off
 (dbpool.enabled()), no Redis or Redis down (the database lease path), no free pool connection, and the rare
@@ -77,10 +79,11 @@ async def _begin_turn(user: Any, api_key: Any, conversation_id: int | None, agen
         return await sync_to_async(released(sync_begin))(user, api_key, conversation_id, agent, project, content,
                                                           client_id, new)
     remembered: asyncio.Future | None = None
+    created = False
     try:
         if conversation_id is None:
-            conversation, replay_possible, remembered = await _create_conversation(user, api_key, agent, project,
-                                                                                   new, client_id)
+            conversation, created, replay_possible, remembered = await _create_conversation(
+                user, api_key, agent, project, new, client_id)
         else:
             conversation, replay_possible = await _conversation_for(user, api_key, conversation_id, client_id)
     except dbpool.PoolTimeout:
@@ -88,7 +91,7 @@ async def _begin_turn(user: Any, api_key: Any, conversation_id: int | None, agen
         return await sync_to_async(released(sync_begin))(user, api_key, conversation_id, agent, project, content,
                                                           client_id, new)
     try:
-        return await _begin_exchange(user, api_key, conversation, content, client_id, replay_possible)
+        return await _begin_exchange(user, api_key, conversation, content, client_id, replay_possible, created)
     except _UseSyncPath:
         return await sync_to_async(released(services.begin_exchange))(
             user=user, conversation=conversation, content=content, client_id=client_id, api_key=api_key)
@@ -168,31 +171,29 @@ async def _conversation_for(user: Any, api_key: Any, conversation_id: int,
 
 
 async def _create_conversation(user: Any, api_key: Any, slug_or_id: Any, project: str, new: bool,
-                               client_id: str | None) -> tuple[Conversation, bool, asyncio.Future | None]:
+                               client_id: str | None) -> tuple[Conversation, bool, bool, asyncio.Future | None]:
     """services.create_conversation: the newest recent conversation with this agent and project, or a new one.
-    Also returns the dedupe cache write, under way meanwhile (the caller awaits it before it returns)."""
+    Returns it, whether it was created, whether a replay is possible, and the dedupe cache write, under way
+    meanwhile (the caller awaits it before it returns)."""
     if not isinstance(slug_or_id, str) or not slug_or_id:
         raise services.UnknownAgent()  # the frame's agent is a string; resolve_agent finds nothing else either
-    row = await _fetchone(*turnsql.agent_statement(slug_or_id, api_key))
-    if row is None:
-        raise services.UnknownAgent()
-    agent = turnsql.agent_from_row(row[:-1])
-    if not row[-1]:
-        raise services.UnknownAgent()  # check_key_access
     since = timezone.now() - timedelta(seconds=settings.CONVERSATION_DEDUPE_SECONDS)
-    draft = Conversation(owner=user, agent=agent, project=project, title="")
-    sql, params = turnsql.create_statement(draft, new=new, client_id=client_id, since=since)
+    draft = Conversation(owner=user, project=project, title="")
+    # The agent's lookup and key check are part of the create: one round trip (no row: unknown or not allowed).
+    sql, params = turnsql.create_statement(draft, slug_or_id=slug_or_id, api_key=api_key, new=new,
+                                           client_id=client_id, since=since)
     if new and not client_id:
         row = await _fetchone(sql, params)  # nothing to check: one INSERT
     else:
         row = await _checked_create(user.pk, sql, params)
-    assert row is not None
+    if row is None:
+        raise services.UnknownAgent()  # resolve_agent or check_key_access; nothing was written
     n = turnsql.width(Conversation)
     conversation = turnsql.from_row(Conversation, row[:n])
-    conversation.agent = agent
+    conversation.agent = turnsql.agent_from_row(row[n + 2:])
     created, replay_possible = bool(row[n]), bool(row[n + 1])
     remembered = asyncio.ensure_future(_remember_for_dedupe(conversation)) if created or not new else None
-    return conversation, replay_possible, remembered
+    return conversation, created, replay_possible, remembered
 
 
 async def _checked_create(user_id: int, sql: str, params: list[Any]) -> tuple | None:
@@ -238,7 +239,7 @@ async def _remember_for_dedupe(conversation: Conversation) -> None:
 # --- the exchange ------------------------------------------------------------------------------------
 
 async def _begin_exchange(user: Any, api_key: Any, conversation: Conversation, content: Any,
-                          client_id: str | None, replay_possible: bool) -> Exchange:
+                          client_id: str | None, replay_possible: bool, created: bool) -> Exchange:
     """services.begin_exchange (key access already checked with the conversation's read)."""
     content = services._validate_content(content)
     client_id = (client_id or None) and str(client_id)[:64]
@@ -251,7 +252,7 @@ async def _begin_exchange(user: Any, api_key: Any, conversation: Conversation, c
         wanted = services.key_rate_request(api_key, content, conversation.agent)
         if wanted is not None:
             hold = await keylimits.acquire(api_key, prompt_tokens=wanted[0], max_output_tokens=wanted[1])
-        user_message, reply = await _insert(conversation, content, client_id)
+        user_message, reply = await _insert(conversation, content, client_id, created)
         exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock,
                             extra={"key_hold": hold})
         await _moderate(exchange)
@@ -330,10 +331,34 @@ async def _next_sequences(conversation: Conversation) -> list[int] | None:
     return [int(last) - 1, int(last)]
 
 
-async def _insert(conversation: Conversation, content: str, client_id: str | None) -> tuple[Message, Message]:
+async def _insert(conversation: Conversation, content: str, client_id: str | None,
+                  created: bool) -> tuple[Message, Message]:
     """services.insert_exchange as one statement with Redis's numbers; a collision, Redis down or no free
-    connection: sequence.insert_with_sequence (numbers from the database, under its advisory lock)."""
-    numbers = await _next_sequences(conversation)
+    connection: sequence.insert_with_sequence (numbers from the database, under its advisory lock).
+    A conversation this turn created takes 1 and 2 without waiting for Redis: its counter is set meanwhile."""
+    seeded = asyncio.ensure_future(_seed_sequences(conversation, 2)) if created else None
+    try:
+        numbers = [1, 2] if created else await _next_sequences(conversation)
+        return await _insert_numbered(conversation, content, client_id, numbers)
+    finally:
+        if seeded is not None:
+            await seeded
+
+
+async def _seed_sequences(conversation: Conversation, last: int) -> None:
+    """A new conversation's counter, moved up to `last` (never down: a twin turn may have counted on)."""
+    client = shared_redis.get_async_redis()
+    if client is None or not redis_guard.available():
+        return
+    try:
+        await client.eval(sequence.BUMP, 1, sequence._counter_key(conversation.pk), last,
+                          sequence._COUNTER_TTL_SECONDS)
+    except redis.RedisError as exc:
+        redis_guard.failed("sequence numbers", exc)
+
+
+async def _insert_numbered(conversation: Conversation, content: str, client_id: str | None,
+                           numbers: list[int] | None) -> tuple[Message, Message]:
     if numbers is not None:
         user_message, reply = services.new_exchange_messages(conversation, content, client_id, numbers)
         title = services.title_for(content) if not conversation.title else ""

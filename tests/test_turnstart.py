@@ -126,11 +126,13 @@ async def test_a_key_limited_to_other_models_finds_no_agent_on_either_path():
         api_key, _ = await sync_to_async(make_api_key)(user)
         await sync_to_async(api_key.allowed_models.add)(other)
         mine = await sync_to_async(Conversation.objects.create)(owner=user, agent=agent)
-        for frame in ({"agent": agent.slug}, {"conversation_id": mine.pk}):
+        for frame in ({"agent": agent.slug}, {"agent": agent.slug, "new": True}, {"conversation_id": mine.pk}):
             with pytest.raises(services.UnknownAgent):
                 await _turn(path, user, api_key, content="hi", **frame)
             outcomes.append(await sync_to_async(Message.objects.filter(conversation__owner=user).count)())
-    assert outcomes == [0, 0, 0, 0]
+        # The create and its agent check are one statement on the pool: a refused agent leaves no conversation.
+        assert await sync_to_async(Conversation.objects.filter(owner=user).count)() == 1
+    assert outcomes == [0] * 6
 
 
 async def test_a_usual_turn_is_a_few_statements_on_the_pool():
@@ -143,10 +145,10 @@ async def test_a_usual_turn_is_a_few_statements_on_the_pool():
         exchange = await turnstart.begin_turn(user=user, api_key=None, **frame)
         return pool.get_stats().get("requests_num", 0) - before, exchange
 
-    # The agent, the checked create (one transaction), the reads after the lock, the insert.
+    # The checked create with the agent's lookup (one transaction), the reads after the lock, the insert.
     used, exchange = await statements(conversation_id=None, agent=agent.slug, project="", content="one",
                                       client_id="a", new=False)
-    assert used == 4 and exchange.lock is not None and exchange.lock.backend == "redis"
+    assert used == 3 and exchange.lock is not None and exchange.lock.backend == "redis"
     # The dedupe cache entry the sync create_conversation reads first (written on the loop, to the same key).
     key = services._dedupe_cache_key(user.pk, agent.pk, "")
     assert await sync_to_async(cache.get)(key) == exchange.conversation.pk

@@ -3,15 +3,16 @@
 The statements are usage.billing's own (`hold_statement`, `record_statement`): one builder, two executors,
 so both paths write the same rows with the same conditional updates. Here they run on aiwriter.dbpool, one
 round trip each and no thread hop; everything else falls back to the sync services through sync_to_async:
-SQLite (dbpool off), staff debug runs, a cold price or quota cache, accounts with quota limits or a key budget
-(their counter reads), a refused hold (no account yet, balance short), a charge the balance no longer covers,
-and quota alerts.
+SQLite (dbpool off), staff debug runs, a cold price cache, a refused hold (no account yet, balance short), a
+charge the balance no longer covers, and quota alerts. The quota limits (on a cold cache) and the counters an
+account with limits or a key with a budget is checked against are one read on the pool (`limits_statement`).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import time
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -20,12 +21,13 @@ from django.utils import timezone
 
 from aiwriter import dbpool
 from aiwriter.db import released
-from aiwriter.observability import observe_usage_record
+from aiwriter.observability import add_db_query, observe_usage_record
 from usage import periods, pricing
 from usage.billing import counters, holds, recording
 from usage.billing.calls import CallMeta, CallOutcome, CallPlan
-from usage.billing.sql import _dec
-from usage.models import QuotaAlert, UsageRecord
+from usage.billing.sql import _dec, _q
+from usage.models import ApiKeyCounter, Quota, QuotaAlert, UsageCounter, UsageRecord
+from usage.selectors import Limits, limits_from_rows
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +47,12 @@ async def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> 
     period = periods.month_start(started_at)
     user_id, project = ctx.user.pk, ctx.project or ""
     limits = holds.cached_limits(user_id, project)
-    if limits is None:
-        limits = await sync_to_async(released(holds._cached_quota_limits))(user_id, project)
+    if limits is None or limits.any or (ctx.api_key is not None and ctx.api_key.monthly_budget):
+        # A cold cache (a new project), quota limits or a key budget: one read on the pool (the common account,
+        # cached and without limits, reads nothing).
+        limits = await _check_limits(user_id=user_id, project=project, period=period, limits=limits,
+                                     api_key=ctx.api_key)
     plan = CallPlan(started_at=started_at, period=period, limits=limits)
-    if limits.any or (ctx.api_key is not None and ctx.api_key.monthly_budget):
-        # Reads this month's counters: a query for accounts with limits only (the common account has none).
-        await sync_to_async(released(holds._check_limits))(user_id=user_id, project=project, period=period,
-                                                              limits=limits, api_key=ctx.api_key)
     await _warm_prices(request.model, getattr(request, "fallback_model", None))
     amount = holds.worst_case_cost(request, started_at)
     if amount <= 0:
@@ -70,6 +71,56 @@ async def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> 
         return plan
     # Refused: no account yet (created there) or the balance is short (InsufficientBalance).
     return await sync_to_async(released(holds.hold_slow_path))(ctx=ctx, plan=plan, amount=amount, context=context)
+
+
+def limits_statement(*, user_id: int, project: str, period: date, quota: bool,
+                     api_key_id: int | None) -> tuple[str, list[Any]]:
+    """The reads of holds._cached_quota_limits (`quota`: the Quota rows) and holds._check_limits (this month's
+    counters of the account and the project, the key's counter) as one statement. Rows: (kind, project, tokens,
+    cost), kind "q" (a Quota row: its limits), "c" (a UsageCounter) or "k" (the key's ApiKeyCounter)."""
+    projects = sorted({"", project})
+    parts = [f"SELECT 'c', project, tokens::numeric, cost::numeric FROM {_q(UsageCounter._meta.db_table)} "
+             f"WHERE user_id = %s AND period = %s AND project = ANY(%s)"]
+    params: list[Any] = [user_id, period, projects]
+    if quota:
+        parts.append(f"SELECT 'q', project, monthly_token_limit::numeric, monthly_cost_limit::numeric "
+                     f"FROM {_q(Quota._meta.db_table)} WHERE user_id = %s AND project = ANY(%s)")
+        params += [user_id, projects]
+    if api_key_id is not None:
+        parts.append(f"SELECT 'k', '', tokens::numeric, cost::numeric FROM {_q(ApiKeyCounter._meta.db_table)} "
+                     f"WHERE api_key_id = %s AND period = %s")
+        params += [api_key_id, period]
+    return " UNION ALL ".join(parts), params
+
+
+async def _check_limits(*, user_id: int, project: str, period: date, limits: Limits | None,
+                        api_key: Any) -> Limits:
+    """holds._cached_quota_limits (when `limits` is None) and holds._check_limits in one round trip on the pool;
+    raises QuotaExceeded / KeyBudgetExceeded. No free connection: the sync reads, as before."""
+    budget_key = api_key.pk if api_key is not None and api_key.monthly_budget else None
+    sql, params = limits_statement(user_id=user_id, project=project, period=period, quota=limits is None,
+                                   api_key_id=budget_key)
+    try:
+        async with dbpool.connection() as conn:
+            started = time.perf_counter()
+            cursor = await conn.execute(sql, params)
+            rows = await cursor.fetchall()
+            add_db_query((time.perf_counter() - started) * 1000)
+    except dbpool.PoolTimeout:
+        if limits is None:
+            limits = await sync_to_async(released(holds._cached_quota_limits))(user_id, project)
+        await sync_to_async(released(holds._check_limits))(user_id=user_id, project=project, period=period,
+                                                              limits=limits, api_key=api_key)
+        return limits
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+    if limits is None:
+        limits = holds.remember_limits(user_id, project, limits_from_rows(
+            {str(p): (t, c) for kind, p, t, c in rows if kind == "q"}))
+    used = {str(p): (int(t), Decimal(c)) for kind, p, t, c in rows if kind == "c"}
+    spent = next((Decimal(c) for kind, _, _, c in rows if kind == "k"), None)
+    holds.check_used(period=period, limits=limits, used=used, api_key=api_key, key_spent=spent)
+    return limits
 
 
 def _near_limit(limit: tuple[int, Decimal], tokens_used: int, cost_used: Decimal) -> bool:

@@ -31,8 +31,13 @@ class Limits:
 
 def quota_limits(*, user_id: int, project: str = "") -> Limits:
     """The account's limits (its Quota row, else the settings defaults) and the project's, if it has a row."""
-    rows = {p: (t, c) for p, t, c in Quota.objects.filter(user_id=user_id, project__in={"", project})
-            .values_list("project", "monthly_token_limit", "monthly_cost_limit")}
+    return limits_from_rows({p: (t, c) for p, t, c in Quota.objects.filter(user_id=user_id, project__in={"", project})
+                             .values_list("project", "monthly_token_limit", "monthly_cost_limit")})
+
+
+def limits_from_rows(rows: dict[str, tuple[Any, Any]]) -> Limits:
+    """Limits from the Quota rows (project -> (token limit, cost limit)) of the account ("") and the project."""
+    rows = dict(rows)
     scopes = {"": rows.pop("", (settings.DEFAULT_MONTHLY_TOKEN_LIMIT, settings.DEFAULT_MONTHLY_COST_LIMIT))}
     scopes.update(rows)
     return Limits(scopes={k: (int(t), quantize(Decimal(c))) for k, (t, c) in scopes.items()})

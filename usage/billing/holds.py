@@ -26,8 +26,17 @@ from usage.selectors import Limits, month_counters, quota_limits
 
 
 def _check_limits(*, user_id: int, project: str, period: date, limits: Limits, api_key: ApiKey | None) -> None:
+    used = month_counters(user_id=user_id, period=period, projects={"", project}) if limits.any else {}
+    spent = None
+    if api_key is not None and api_key.monthly_budget:
+        spent = ApiKeyCounter.objects.filter(api_key=api_key, period=period).values_list("cost", flat=True).first()
+    check_used(period=period, limits=limits, used=used, api_key=api_key, key_spent=spent)
+
+
+def check_used(*, period: date, limits: Limits, used: dict[str, tuple[int, Decimal]], api_key: ApiKey | None,
+               key_spent: Decimal | None) -> None:
+    """The quota and key-budget rule on counters already read (this month's per scope; the key's cost)."""
     if limits.any:
-        used = month_counters(user_id=user_id, period=period, projects={"", project})
         for scope, (token_limit, cost_limit) in limits.scopes.items():
             tokens_used, cost_used = used.get(scope, (0, ZERO))
             if (token_limit and tokens_used >= token_limit) or (cost_limit and cost_used >= cost_limit):
@@ -35,8 +44,7 @@ def _check_limits(*, user_id: int, project: str, period: date, limits: Limits, a
                 raise QuotaExceeded(f"The monthly quota of your {where} is used up; it resets on "
                                     f"{periods.next_month(period).isoformat()}.")
     if api_key is not None and api_key.monthly_budget:
-        spent = ApiKeyCounter.objects.filter(api_key=api_key, period=period).values_list("cost", flat=True).first()
-        if spent is not None and spent >= api_key.monthly_budget:
+        if key_spent is not None and key_spent >= api_key.monthly_budget:
             raise KeyBudgetExceeded()
 
 
@@ -71,9 +79,14 @@ def _cached_quota_limits(user_id: int, project: str) -> Limits:
     hit = _limits_cache.get(key)
     if hit is not None and hit[0] > time.monotonic():
         return hit[1]
-    limits = quota_limits(user_id=user_id, project=project)
+    return remember_limits(user_id, project, quota_limits(user_id=user_id, project=project))
+
+
+def remember_limits(user_id: int, project: str, limits: Limits) -> Limits:
+    """Caches limits read elsewhere (the async pool: usage.hotpath) as _cached_quota_limits does."""
     if len(_limits_cache) >= 10_000:
         _limits_cache.clear()
+    key = (user_id, project, settings.DEFAULT_MONTHLY_TOKEN_LIMIT, settings.DEFAULT_MONTHLY_COST_LIMIT)
     _limits_cache[key] = (time.monotonic() + settings.LLM_ROUTE_CACHE_SECONDS, limits)
     return limits
 
