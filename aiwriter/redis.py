@@ -19,6 +19,9 @@ def get_redis() -> redis.Redis | None:
                                 health_check_interval=30)
 
 
+ASYNC_MAX_CONNECTIONS = 100  # per process (event loop)
+ASYNC_POOL_WAIT_SECONDS = 5.0
+
 # Keyed by the loop itself, weakly: keyed by id(loop), a new loop could reuse a dead loop's id and get a client
 # bound to that closed loop (every command then fails).
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
@@ -31,7 +34,12 @@ def get_async_redis() -> aioredis.Redis | None:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        # A blocking pool: a burst of sockets (leases, locks, sequence numbers) waits a moment for a connection
+        # instead of failing with MaxConnectionsError once ASYNC_MAX_CONNECTIONS commands are in flight.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=ASYNC_MAX_CONNECTIONS, timeout=ASYNC_POOL_WAIT_SECONDS,
+            socket_timeout=1, socket_connect_timeout=1)
+        client = aioredis.Redis(connection_pool=pool)
         _async_clients[loop] = client
     return client
 

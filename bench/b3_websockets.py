@@ -138,7 +138,7 @@ def run(ctx: Context) -> BenchResult:
 def _spec(ctx: Context, n: int) -> dict:
     return {"op": "ws_many", "n": n, "agent": WS_AGENT, "urls": [ctx.ws_url(0), ctx.ws_url(1)],
             "origins": [ctx.origin(0), ctx.origin(1)],
-            "headers": [{"Authorization": f"Bearer {ctx.users['main'].key}"}],
+            "headers": [{"Authorization": f"Bearer {user.key}"} for user in ctx.chatters],
             "timeout": 30 + n * 0.1, "open_timeout": 30 + n * 0.05, "hold_seconds": 1.0}
 
 
