@@ -224,6 +224,8 @@ async def _remember_for_dedupe(conversation: Conversation) -> None:
     """create_conversation's cache entry (its fast path) so the sync path finds this conversation too."""
     key = services._dedupe_cache_key(conversation.owner_id, conversation.agent_id, conversation.project)
     timeout = settings.CONVERSATION_DEDUPE_SECONDS
+    if timeout <= 0:  # dedupe off: nothing to remember (Redis refuses an expiry of 0)
+        return
     backend = getattr(cache, "client", None)
     try:
         if backend is not None and hasattr(backend, "encode"):  # django_redis: the same key, written on the loop
@@ -232,8 +234,8 @@ async def _remember_for_dedupe(conversation: Conversation) -> None:
                 await client.set(str(cache.make_key(key)), backend.encode(conversation.pk), ex=timeout)
         else:
             cache.set(key, conversation.pk, timeout=timeout)  # in-process (locmem): no I/O
-    except Exception:  # noqa: BLE001 - the cache is only a fast path (django_redis ignores its failures too)
-        logger.warning("dedupe cache entry of conversation %s not written", conversation.pk)
+    except Exception as exc:  # noqa: BLE001 - the cache is only a fast path (django_redis ignores its failures too)
+        logger.warning("dedupe cache entry of conversation %s not written (%r)", conversation.pk, exc)
 
 
 # --- the exchange ------------------------------------------------------------------------------------

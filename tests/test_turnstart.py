@@ -160,6 +160,17 @@ async def test_a_usual_turn_is_a_few_statements_on_the_pool():
     await _finish(exchange)
 
 
+async def test_with_dedupe_off_a_new_conversation_leaves_no_entry_and_no_warning(settings, caplog):
+    settings.CONVERSATION_DEDUPE_SECONDS = 0  # Redis refuses an expiry of 0: nothing is written at all
+    agent = await sync_to_async(make_agent)()
+    user = await sync_to_async(make_user)("no-dedupe")
+    exchange = await turnstart.begin_turn(user=user, api_key=None, conversation_id=None, agent=agent.slug,
+                                          project="", content="one", client_id=None, new=False)
+    assert await sync_to_async(cache.get)(services._dedupe_cache_key(user.pk, agent.pk, "")) is None
+    assert "not written" not in caplog.text
+    await _finish(exchange)
+
+
 async def test_without_redis_the_turn_takes_the_sync_path_and_its_lease(no_redis, settings):
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     agent = await sync_to_async(make_agent)()
