@@ -10,6 +10,7 @@ account with limits or a key with a budget is checked against are one read on th
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import date, datetime
@@ -22,6 +23,7 @@ from django.utils import timezone
 from aiwriter import dbpool
 from aiwriter.db import released
 from aiwriter.observability import add_db_query, observe_usage_record
+from aiwriter.singleflight import shared_load
 from usage import periods, pricing
 from usage.billing import counters, holds, recording
 from usage.billing.calls import CallMeta, CallOutcome, CallPlan
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 async def _warm_prices(*names: str | None) -> None:
     for name in filter(None, dict.fromkeys(names)):
         if not pricing.is_cached(name):
-            await sync_to_async(pricing.model_pricing)(name)
+            await shared_load(("model-pricing", name), functools.partial(sync_to_async(pricing.model_pricing), name))
 
 
 async def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> CallPlan:

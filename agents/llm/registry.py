@@ -6,6 +6,7 @@ processes see the change within LLM_ROUTE_CACHE_SECONDS.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from django.db.models.signals import post_delete, post_save
 
 from agents.llm.types import ModelNotFound
 from agents.models import Deployment, LLMModel, Provider
+from aiwriter.singleflight import shared_load
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ async def get_route(name: str) -> ModelRoute:
     cached = _routes.get(name)
     if cached and cached[0] > time.monotonic():
         return cached[1]
-    return await sync_to_async(get_route_sync)(name)
+    return await shared_load(("llm-route", name), functools.partial(sync_to_async(get_route_sync), name))
 
 
 def clear() -> None:
