@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -70,6 +71,16 @@ class ChannelLayerUnavailable(ApiError):
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' dispatch first closes stale ORM connections with a hop to the process's one sync thread, for
+        # every frame and every group message: under load each hop waited for the GIL, and 1,000 sockets' turns
+        # started one hop at a time. This consumer's database work runs on the async pool, or in
+        # database_sync_to_async, which closes stale connections itself.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
     # Channels assigns channel_receive (the channel layer's receive for this socket) before dispatching.
     # Wrapped so that a channel layer that is down (Redis stopped) is retried instead of ending the socket:
     # the socket's own chat never needs the layer (GroupSender delivers to it directly).

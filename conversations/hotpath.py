@@ -15,6 +15,7 @@ the sweeper: the stored state is read back) it is the sync service through sync_
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from datetime import timedelta
 from decimal import Decimal
@@ -47,6 +48,7 @@ async def _to_the_end(coro: Any) -> Any:
         raise
 
 
+@functools.cache
 def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 

@@ -6,11 +6,12 @@ services.create_conversation / begin_exchange and selectors.conversation_for it 
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Field, Model
 
 from agents.models import Agent, LLMModel
@@ -20,7 +21,9 @@ from usage.models import ApiKey
 M = TypeVar("M", bound=Model)
 
 
+@functools.cache
 def q(name: str) -> str:
+    # Cached: a turn builds its statements from ~130 quoted names, each a lookup of the connection proxy.
     return connection.ops.quote_name(name)
 
 
@@ -28,10 +31,12 @@ def table(model: type[Model]) -> str:
     return q(model._meta.db_table)
 
 
-def _fields(model: type[Model]) -> list[Field]:
-    return list(model._meta.concrete_fields)
+@functools.cache
+def _fields(model: type[Model]) -> tuple[Field, ...]:
+    return tuple(model._meta.concrete_fields)
 
 
+@functools.cache
 def columns(model: type[Model], alias: str = "") -> str:
     prefix = f"{alias}." if alias else ""
     return ", ".join(f"{prefix}{q(str(f.column))}" for f in _fields(model))
@@ -49,11 +54,12 @@ def from_row(model: type[M], values: Any) -> M:
 def insert_values(obj: Model) -> tuple[list[str], list[Any]]:
     """The columns and values Django would INSERT for an unsaved instance (defaults, auto_now and all)."""
     names, values = [], []
+    wrapper = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` would look itself up again for every field
     for f in _fields(type(obj)):
         if f.primary_key:
             continue
         names.append(q(str(f.column)))
-        values.append(f.get_db_prep_save(f.pre_save(obj, True), connection))
+        values.append(f.get_db_prep_save(f.pre_save(obj, True), wrapper))
     return names, values
 
 
