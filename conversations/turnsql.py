@@ -6,11 +6,12 @@ services.create_conversation / begin_exchange and selectors.conversation_for it 
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import Field, Model
 
 from agents.models import Agent, LLMModel
@@ -20,6 +21,9 @@ from usage.models import ApiKey
 M = TypeVar("M", bound=Model)
 
 
+# The statements' text is built per turn: the names' quoting and column lists are memoised (`connection` is a
+# proxy that looks the thread's connection up on every attribute, ~10 µs a name, 100+ names a turn).
+@functools.cache
 def q(name: str) -> str:
     return connection.ops.quote_name(name)
 
@@ -28,10 +32,12 @@ def table(model: type[Model]) -> str:
     return q(model._meta.db_table)
 
 
-def _fields(model: type[Model]) -> list[Field]:
-    return list(model._meta.concrete_fields)
+@functools.cache
+def _fields(model: type[Model]) -> tuple[Field, ...]:
+    return tuple(model._meta.concrete_fields)
 
 
+@functools.cache
 def columns(model: type[Model], alias: str = "") -> str:
     prefix = f"{alias}." if alias else ""
     return ", ".join(f"{prefix}{q(str(f.column))}" for f in _fields(model))
@@ -43,17 +49,23 @@ def width(model: type[Model]) -> int:
 
 def from_row(model: type[M], values: Any) -> M:
     """A model instance from its columns as `columns(model)` selected them (as the ORM would load it)."""
-    return model.from_db("default", [f.attname for f in _fields(model)], list(values))
+    return model.from_db("default", list(_attnames(model)), list(values))
+
+
+@functools.cache
+def _attnames(model: type[Model]) -> tuple[str, ...]:
+    return tuple(f.attname for f in _fields(model))
 
 
 def insert_values(obj: Model) -> tuple[list[str], list[Any]]:
     """The columns and values Django would INSERT for an unsaved instance (defaults, auto_now and all)."""
     names, values = [], []
+    conn = connections["default"]
     for f in _fields(type(obj)):
         if f.primary_key:
             continue
         names.append(q(str(f.column)))
-        values.append(f.get_db_prep_save(f.pre_save(obj, True), connection))
+        values.append(f.get_db_prep_save(f.pre_save(obj, True), conn))
     return names, values
 
 
