@@ -191,14 +191,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
                                               new=new)
         group = group_name(exchange.conversation.pk)
         # The exchange is begun (message stored, lock held): it runs even if the channel layer is unreachable,
-        # streaming to this socket alone, so nothing is left half-done.
-        joined = await self._join(group)
-        task = asyncio.create_task(self._generate(exchange, group, direct=not joined))
+        # streaming to this socket alone, so nothing is left half-done. The socket joins the group meanwhile (its
+        # own frames never come through it): the reply's frames to the group wait for the join, the first delta
+        # to this socket does not.
+        joined = asyncio.ensure_future(self._join(group))
+        task = asyncio.create_task(self._generate(exchange, group, joined=joined))
         if not exchange.finished:
             self.generations[exchange.conversation.pk] = task
             RUNNING[exchange.conversation.pk] = task
 
-    async def _generate(self, exchange: services.Exchange, group: str, direct: bool = False) -> None:
+    async def _generate(self, exchange: services.Exchange, group: str, joined: Awaitable[bool]) -> None:
         task = asyncio.current_task()
 
         async def deliver(frame: dict[str, Any]) -> None:
@@ -206,8 +208,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 task.told = True  # type: ignore[union-attr]  # the final frame: what remains is the final write
             await self._send_json(frame)
 
-        sender = GroupSender(self.channel_layer, group, origin=self.channel_name, deliver=deliver,
-                             to_group=not direct)
+        sender = GroupSender(self.channel_layer, group, origin=self.channel_name, deliver=deliver, joined=joined)
         try:
             await run_exchange(exchange, user=self.user, entry_point="ws", api_key=self.api_key, emit=sender.emit)
         except asyncio.CancelledError:

@@ -85,12 +85,15 @@ class GroupSender:
     """
 
     def __init__(self, channel_layer: Any, group: str, *, origin: str, deliver: Deliver, to_group: bool = True,
-                 window: float = GROUP_WINDOW_SECONDS):
+                 window: float = GROUP_WINDOW_SECONDS, joined: Awaitable[bool] | None = None):
         self.channel_layer = channel_layer
         self.group = group
         self.origin = origin  # the asking socket's channel: it skips its own frames coming back from the group
         self.deliver = deliver
         self.to_group = to_group  # False when the socket could not join the group (channel layer down)
+        # The asking socket's join of the group, under way: the group's frames wait for it (and are not sent when
+        # it failed: the channel layer is down), the socket's own do not.
+        self._joined = joined
         self.window = window
         self._direct = _Outbox()
         self._grouped = _Outbox()
@@ -139,6 +142,10 @@ class GroupSender:
     # --- the group ----------------------------------------------------------------------------------
 
     async def _run_group(self) -> None:
+        if self._joined is not None and not await self._joined:
+            self.to_group = False  # as if it never had a group: what was queued for it is dropped
+            self._grouped.take_nowait()
+            return
         while True:
             frames, ended = await self._grouped.take()
             first_delta = next((i for i, f in enumerate(frames) if f["type"] == "delta"), None)

@@ -177,7 +177,8 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
             # async pool is); the key's limits were taken when the exchange began (its hold is the call's); the
             # call goes through the one pipeline: prepare → metered run → finish (in `finally`).
             built = await prompt.build_prompt_async(conversation=exchange.conversation,
-                                                    user_message=exchange.user_message, user=user, api_key=api_key)
+                                                    user_message=exchange.user_message, user=user, api_key=api_key,
+                                                    prefetched=exchange.extra.get("prompt"))
             request = built.request
             call = pipeline.prepare_request(
                 built.target, request, account=user, api_key=api_key, entry_point=entry_point,

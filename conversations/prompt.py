@@ -8,9 +8,10 @@ the async pool without a thread hop (PostgreSQL) and falls back to the sync one 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,7 @@ def assemble(*, agent: Agent, conversation: Conversation, user_message: Message,
 # --- the build on the event loop (PostgreSQL's async pool) ----------------------------------------------------
 
 async def build_prompt_async(*, conversation: Conversation, user_message: Message, user: Any,
-                             api_key: Any = None) -> BuiltPrompt:
+                             api_key: Any = None, prefetched: Prefetched | None = None) -> BuiltPrompt:
     """build_prompt without a thread hop: the agent from the in-process cache (conversations.agentcache), then
     the memory search, the history and the key's fallback check (and the agent, on a cache miss) as one round
     trip on aiwriter.dbpool (pipeline mode); the same trimming. Elsewhere (SQLite, DB_ASYNC_POOL off, no free
@@ -123,7 +124,7 @@ async def build_prompt_async(*, conversation: Conversation, user_message: Messag
     if not dbpool.enabled():
         return await sync_to_async(released(build_prompt))(**kwargs)
     try:
-        return await _build_on_pool(**kwargs)
+        return await _build_on_pool(**kwargs, prefetched=prefetched)
     except dbpool.PoolTimeout:
         logger.warning("async pool exhausted: the prompt of reply to %s is built through the sync path",
                        user_message.pk)
@@ -152,22 +153,25 @@ def key_allows_statement(api_key_id: int, model_id: int | None, agent_id: int) -
 
 
 async def _build_on_pool(*, conversation: Conversation, user_message: Message, user: Any,
-                         api_key: Any) -> BuiltPrompt:
+                         api_key: Any, prefetched: Prefetched | None = None) -> BuiltPrompt:
     agent_id = conversation.agent_id
-    agent = agentcache.get(agent_id)
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    agent = prefetched.agent if prefetched is not None else agentcache.get(agent_id)
+    side = await prefetched.side_rows() if prefetched is not None else None
+    if side is not None:
+        rows.update(side)
     statements: dict[str, tuple[str, list[Any]]] = {}
     if agent is None:
         statements["agent"] = agentcache.agent_statement(agent_id)
-    statements["history"] = history_statement(conversation.pk, user_message.sequence)
-    search = memory.search_statement(user_id=user.pk, query=user_message.content,
-                                     exclude_conversation_id=conversation.pk)
-    if search is not None:
-        statements["memory"] = search
-    key_id = getattr(api_key, "pk", None)
-    if key_id is not None and (agent is None or agent.fallback_model_id is not None):
-        statements["key"] = key_allows_statement(key_id, agent.fallback_model_id if agent else None, agent_id)
-
-    rows = await _fetch_pipelined(statements)
+    if prefetched is not None and prefetched.history is not None:
+        rows["history"] = prefetched.history
+    else:
+        statements["history"] = history_statement(conversation.pk, user_message.sequence)
+    if side is None:
+        statements.update(side_statements(conversation=conversation, content=user_message.content, user=user,
+                                          api_key=api_key, agent=agent))
+    if statements:
+        rows.update(await _fetch_pipelined(statements))
     if agent is None:
         if not rows["agent"]:
             raise Agent.DoesNotExist(f"Agent {agent_id} does not exist.")
@@ -177,6 +181,77 @@ async def _build_on_pool(*, conversation: Conversation, user_message: Message, u
     return assemble(agent=agent, conversation=conversation, user_message=user_message, user=user,
                     hits=memory.hits_from_rows(rows.get("memory", [])), history=rows["history"],
                     fallback_allowed=fallback_allowed)
+
+
+def side_statements(*, conversation: Conversation, content: str, user: Any, api_key: Any,
+                    agent: Agent | None) -> dict[str, tuple[str, list[Any]]]:
+    """The reads of a prompt that do not depend on the conversation's messages: the memory search (its other
+    conversations) and whether the key may use the agent's fallback model (`agent` None: not known yet)."""
+    statements: dict[str, tuple[str, list[Any]]] = {}
+    search = memory.search_statement(user_id=user.pk, query=content, exclude_conversation_id=conversation.pk)
+    if search is not None:
+        statements["memory"] = search
+    key_id = getattr(api_key, "pk", None)
+    if key_id is not None and (agent is None or agent.fallback_model_id is not None):
+        statements["key"] = key_allows_statement(key_id, agent.fallback_model_id if agent else None,
+                                                 conversation.agent_id)
+    return statements
+
+
+class Prefetched:
+    """A prompt's reads made while the websocket turn began (conversations.turnstart), so the first delta does not
+    wait for them: the memory search and the key's fallback check from the moment the conversation is known (on
+    a connection of their own, alongside the lock and the insert), and the history with the reads after the lock
+    (every message before the new one is in its final state by then, and the new one is not yet stored).
+
+    `agent` is the conversation's agent as the turn read it (with its models), fresher than agentcache's."""
+
+    def __init__(self, *, conversation: Conversation, content: str, user: Any, api_key: Any,
+                 also: dict[str, tuple[str, list[Any]]] | None = None,
+                 on_read: Callable[[dict[str, list[tuple[Any, ...]]]], None] | None = None) -> None:
+        """`also`: the turn's other reads to make in the same round trip; `on_read` gets every row once read."""
+        self.agent: Agent | None = _loaded_agent(conversation) or agentcache.get(conversation.agent_id)
+        self.history: list[tuple[Any, ...]] | None = None  # set by the turn once read after the lock
+        statements = {**side_statements(conversation=conversation, content=content, user=user, api_key=api_key,
+                                        agent=self.agent), **(also or {})}
+        self._side: asyncio.Future | None = (asyncio.ensure_future(_read_ahead(statements, on_read))
+                                             if statements else None)
+
+    async def side_rows(self) -> dict[str, list[tuple[Any, ...]]] | None:
+        """The memory and key rows; None when their read failed (the build then makes it itself)."""
+        if self._side is None:
+            return {}
+        # Shielded: a cancelled build leaves the read to finish (its connection goes back to the pool whole).
+        return await asyncio.shield(self._side)
+
+    async def settle(self) -> None:
+        """Waits for the reads ahead (a turn that ends before its call): nothing is left running behind it."""
+        if self._side is not None:
+            await asyncio.shield(self._side)
+
+
+def _loaded_agent(conversation: Conversation) -> Agent | None:
+    """The conversation's agent if it was loaded with its models (turnsql's rows), else None."""
+    agent = Conversation._meta.get_field("agent").get_cached_value(conversation, None)
+    if not isinstance(agent, Agent) or not Agent._meta.get_field("model").is_cached(agent):
+        return None
+    return agent
+
+
+async def _read_ahead(statements: dict[str, tuple[str, list[Any]]],
+                      on_read: Callable[[dict[str, list[tuple[Any, ...]]]], None] | None,
+                      ) -> dict[str, list[tuple[Any, ...]]] | None:
+    try:
+        rows = await _fetch_pipelined(statements)
+    except (dbpool.PoolTimeout, dbpool.psycopg.Error) as exc:
+        logger.warning("prompt reads ahead of the turn failed (%r); the build reads again", exc)
+        return None
+    if on_read is not None:
+        try:
+            on_read(rows)
+        except Exception:  # noqa: BLE001 - what it warms is read again where it is needed
+            logger.exception("a read ahead of the turn could not be used")
+    return rows
 
 
 async def _fetch_pipelined(statements: dict[str, tuple[str, list[Any]]]) -> dict[str, list[tuple[Any, ...]]]:

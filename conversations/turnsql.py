@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import connection, connections
 from django.db.models import Field, Model
 
 from agents.models import Agent, LLMModel
@@ -21,9 +21,10 @@ from usage.models import ApiKey
 M = TypeVar("M", bound=Model)
 
 
+# The statements' text is built per turn: the names' quoting and column lists are memoised (`connection` is a
+# proxy that looks the thread's connection up on every attribute, ~10 µs a name, 100+ names a turn).
 @functools.cache
 def q(name: str) -> str:
-    # Cached: a turn builds its statements from ~130 quoted names, each a lookup of the connection proxy.
     return connection.ops.quote_name(name)
 
 
@@ -48,18 +49,23 @@ def width(model: type[Model]) -> int:
 
 def from_row(model: type[M], values: Any) -> M:
     """A model instance from its columns as `columns(model)` selected them (as the ORM would load it)."""
-    return model.from_db("default", [f.attname for f in _fields(model)], list(values))
+    return model.from_db("default", list(_attnames(model)), list(values))
+
+
+@functools.cache
+def _attnames(model: type[Model]) -> tuple[str, ...]:
+    return tuple(f.attname for f in _fields(model))
 
 
 def insert_values(obj: Model) -> tuple[list[str], list[Any]]:
     """The columns and values Django would INSERT for an unsaved instance (defaults, auto_now and all)."""
     names, values = [], []
-    wrapper = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` would look itself up again for every field
+    conn = connections["default"]
     for f in _fields(type(obj)):
         if f.primary_key:
             continue
         names.append(q(str(f.column)))
-        values.append(f.get_db_prep_save(f.pre_save(obj, True), wrapper))
+        values.append(f.get_db_prep_save(f.pre_save(obj, True), conn))
     return names, values
 
 
@@ -204,3 +210,40 @@ def insert_statement(conversation: Conversation, user_message: Message, reply: M
            f"title = CASE WHEN title = '' THEN %s ELSE title END WHERE id = %s RETURNING title) "
            f"SELECT (SELECT id FROM um), (SELECT id FROM rp), (SELECT title FROM cv)")
     return sql, [*user_values, *reply_values, now, title, conversation.pk]
+
+
+def checked_insert_statement(conversation: Conversation, user_message: Message, reply: Message, title: str, *,
+                             owner_id: int, client_id: str | None, now: datetime, running_in_redis: set[int],
+                             max_running: int) -> tuple[str, list[Any]]:
+    """What begin_exchange reads once the lock is taken (after_lock_statement) and, only if that lets the turn go
+    on, insert_statement's writes: one statement, one round trip. The turn goes on when the conversation is not
+    running by the database's account, the owner's running conversations (the database's and Redis's) are within
+    `max_running`, no reply of it is stuck past its lease and its client_id was not answered meanwhile.
+    Row: running conversation ids, stuck, replay, then user message id, reply id and the conversation's title
+    (NULLs when nothing was written)."""
+    check, check_params = after_lock_statement(owner_id=owner_id, conversation_id=conversation.pk,
+                                               client_id=client_id, now=now)
+    names, user_values = insert_values(user_message)
+    reply_names, reply_values = insert_values(reply)
+    assert reply_names == names
+    reply_to = names.index(q(Message._meta.get_field("reply_to").column))
+    reply_slots = ["%s"] * len(names)
+    reply_slots[reply_to] = "um.id"
+    del reply_values[reply_to]
+    messages, touched = table(Message), user_values[names.index(q("updated_at"))]
+    columns_list = ", ".join(names)
+    sql = (f"WITH chk(running, stuck, replay) AS ({check}), "
+           f"ok AS (SELECT 1 FROM chk WHERE NOT (%s = ANY(chk.running)) AND cardinality(ARRAY("
+           f"SELECT unnest(chk.running) UNION SELECT unnest(%s::bigint[]))) <= %s "
+           f"AND NOT chk.stuck AND NOT chk.replay), "
+           f"um AS (INSERT INTO {messages} ({columns_list}) SELECT {', '.join(['%s'] * len(names))} FROM ok "
+           f"RETURNING id), "
+           f"rp AS (INSERT INTO {messages} ({columns_list}) SELECT {', '.join(reply_slots)} FROM um RETURNING id), "
+           f"cv AS (UPDATE {table(Conversation)} SET message_count = message_count + 2, updated_at = %s, "
+           f"title = CASE WHEN title = '' THEN %s ELSE title END WHERE id = %s AND EXISTS (SELECT 1 FROM um) "
+           f"RETURNING title) "
+           f"SELECT chk.running, chk.stuck, chk.replay, (SELECT id FROM um), (SELECT id FROM rp), "
+           f"(SELECT title FROM cv) FROM chk")
+    params = [*check_params, conversation.pk, sorted(running_in_redis), max_running, *user_values, *reply_values,
+              touched, title, conversation.pk]
+    return sql, params

@@ -4,9 +4,11 @@
 services.create_conversation (with its 5-minute dedupe) or selectors.conversation_for, then
 services.begin_exchange — with the database work as single statements on aiwriter.dbpool (conversations.turnsql)
 and the Redis steps (the conversation lock and per-user slot, the key's rate limits, sequence numbers) on the
-async Redis client. A usual turn costs three statements (the create with its agent's lookup, or the lookup; the
-reads after the lock; the insert) and two Redis scripts (the lock; the sequence numbers, which a conversation
-the turn created sets while the insert runs), all on the loop.
+async Redis client. A usual turn waits for two statements (the create with its agent's lookup, or the lookup;
+then the reads after the lock and the insert, one statement, with the prompt's history pipelined after it) and
+two Redis scripts (the lock; the sequence numbers, which a conversation the turn created sets while the insert
+runs), all on the loop. The prompt's other reads (memory, the key's fallback check) run alongside, from the
+moment the conversation is known (prompt.Prefetched), so the reply's first delta waits for none of them.
 
 The sync services stay the reference and the fallback (through sync_to_async): SQLite and DB_ASYNC_POOL off
 (dbpool.enabled()), no Redis or Redis down (the database lease path), no free pool connection, and the rare
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -35,10 +38,13 @@ from aiwriter import redis as shared_redis
 from aiwriter.db import released
 from aiwriter.errors import NotFound
 from aiwriter.observability import add_db_query
-from conversations import hotpath, locks, moderation, selectors, sequence, services, turnsql
+from conversations import hotpath, locks, moderation, prompt, selectors, sequence, services, turnsql
 from conversations.models import Conversation, Message
 from conversations.services import Exchange
-from usage import keylimits
+from usage import hotpath as call_hotpath
+from usage import keylimits, periods
+from usage.billing import holds
+from usage.selectors import limits_from_rows
 
 logger = logging.getLogger(__name__)
 
@@ -247,22 +253,54 @@ async def _begin_exchange(user: Any, api_key: Any, conversation: Conversation, c
     client_id = (client_id or None) and str(client_id)[:64]
     if replay_possible:
         raise _UseSyncPath()  # services._replay answers (a message re-sent after a reconnect)
-    lock, running_in_redis = await _acquire_lock(user.pk, conversation.pk)
+    # The prompt's reads that need no lock start now, alongside the lock and the insert (and, in the same round trip,
+    # the quota limits of a project the call's hold has not met yet).
+    also, on_read = _limits_warmup(user.pk, conversation.project)
+    reads = prompt.Prefetched(conversation=conversation, content=content, user=user, api_key=api_key, also=also,
+                              on_read=on_read)
+    try:
+        lock, running_in_redis = await _acquire_lock(user.pk, conversation.pk)
+    except BaseException:
+        await reads.settle()
+        raise
     hold: keylimits.Hold | None = None
     try:
-        await _after_lock(lock, running_in_redis, conversation, client_id)
         wanted = services.key_rate_request(api_key, content, conversation.agent)
         if wanted is not None:
             hold = await keylimits.acquire(api_key, prompt_tokens=wanted[0], max_output_tokens=wanted[1])
-        user_message, reply = await _insert(conversation, content, client_id, created)
+        user_message, reply = await _insert(conversation, content, client_id, created, lock, running_in_redis,
+                                            reads)
         exchange = Exchange(conversation=conversation, user_message=user_message, reply=reply, lock=lock,
-                            extra={"key_hold": hold})
+                            extra={"key_hold": hold, "prompt": reads})
         await _moderate(exchange)
+        if exchange.finished:  # rejected: no prompt to build
+            await reads.settle()
         return exchange
     except BaseException:
         await _settle_unused(hold)  # once only: a no-op after moderation settled it
         await _release(lock)  # compare-and-delete: a no-op once released
+        await reads.settle()
         raise
+
+
+def _limits_warmup(user_id: int, project: str) -> tuple[dict[str, tuple[str, list[Any]]],
+                                                        Callable[[dict[str, list[tuple[Any, ...]]]], None] | None]:
+    """The call's hold (usage.hotpath.begin_call) reads the quota limits of an account and project it has not cached
+    yet (a new project: its first turn) before it holds: that read is made here instead, ahead, with the same
+    statement, and cached as begin_call caches it (holds.remember_limits), so the hold finds it. Nothing when cached.
+    Limits found are checked against the counters by begin_call itself, as with any cached limits."""
+    if holds.cached_limits(user_id, project) is not None:
+        return {}, None
+    statement = call_hotpath.limits_statement(user_id=user_id, project=project,
+                                              period=periods.month_start(timezone.now()), quota=True,
+                                              api_key_id=None)
+
+    def remember(rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        if holds.cached_limits(user_id, project) is None:
+            holds.remember_limits(user_id, project, limits_from_rows(
+                {str(p): (t, c) for kind, p, t, c in rows["limits"] if kind == "q"}))
+
+    return {"limits": statement}, remember
 
 
 async def _acquire_lock(owner_id: int, conversation_id: int) -> tuple[locks.GenerationLock, set[int]]:
@@ -284,29 +322,6 @@ async def _acquire_lock(owner_id: int, conversation_id: int) -> tuple[locks.Gene
     if outcome == -2:
         raise locks.TooManyConcurrent()
     return locks.GenerationLock(conversation_id, owner_id, token, "redis"), {int(m) for m in outcome}
-
-
-async def _after_lock(lock: locks.GenerationLock, running_in_redis: set[int], conversation: Conversation,
-                      client_id: str | None) -> None:
-    """One statement for what the sync path reads once the lock is taken: generations the database knows of
-    (locks._acquire_redis), a reply stuck past its lease (swept, as begin_exchange does) and a twin request
-    that finished while we waited (replay)."""
-    try:
-        row = await _fetchone(*turnsql.after_lock_statement(
-            owner_id=lock.owner_id, conversation_id=lock.conversation_id, client_id=client_id, now=timezone.now()))
-    except dbpool.PoolTimeout as exc:
-        raise _UseSyncPath() from exc
-    assert row is not None
-    running, stuck, replay = set(row[0]), bool(row[1]), bool(row[2])
-    if lock.conversation_id in running:
-        raise locks.ConversationBusy()
-    if len(running | running_in_redis) > settings.MAX_CONCURRENT_CONVERSATIONS:
-        raise locks.TooManyConcurrent()
-    if stuck:  # a dead worker's reply (its lock expired): end it now, as the sync path does
-        await sync_to_async(released(services.sweep_stuck_messages))(
-            older_than_seconds=settings.CONVERSATION_LOCK_SECONDS, conversation_id=conversation.pk)
-    if replay:
-        raise _UseSyncPath()
 
 
 async def _next_sequences(conversation: Conversation) -> list[int] | None:
@@ -333,18 +348,72 @@ async def _next_sequences(conversation: Conversation) -> list[int] | None:
     return [int(last) - 1, int(last)]
 
 
-async def _insert(conversation: Conversation, content: str, client_id: str | None,
-                  created: bool) -> tuple[Message, Message]:
-    """services.insert_exchange as one statement with Redis's numbers; a collision, Redis down or no free
-    connection: sequence.insert_with_sequence (numbers from the database, under its advisory lock).
+async def _insert(conversation: Conversation, content: str, client_id: str | None, created: bool,
+                  lock: locks.GenerationLock, running_in_redis: set[int],
+                  reads: prompt.Prefetched) -> tuple[Message, Message]:
+    """What the sync path reads once the lock is taken, then services.insert_exchange, as one statement with Redis's
+    numbers (turnsql.checked_insert_statement), and the prompt's history in the same round trip. A collision,
+    Redis down or no free connection: the sync path (numbers from the database, under its advisory lock).
     A conversation this turn created takes 1 and 2 without waiting for Redis: its counter is set meanwhile."""
     seeded = asyncio.ensure_future(_seed_sequences(conversation, 2)) if created else None
     try:
         numbers = [1, 2] if created else await _next_sequences(conversation)
-        return await _insert_numbered(conversation, content, client_id, numbers)
+        if numbers is None:
+            raise _UseSyncPath()
+        return await _checked_insert(conversation, content, client_id, numbers, lock, running_in_redis, reads)
     finally:
         if seeded is not None:
             await seeded
+
+
+async def _checked_insert(conversation: Conversation, content: str, client_id: str | None, numbers: list[int],
+                          lock: locks.GenerationLock, running_in_redis: set[int],
+                          reads: prompt.Prefetched) -> tuple[Message, Message]:
+    user_message, reply = services.new_exchange_messages(conversation, content, client_id, numbers)
+    title = services.title_for(content) if not conversation.title else ""
+    statements = {
+        # Under the lock every message of the conversation is final, and older than this turn's.
+        "history": prompt.history_statement(conversation.pk, numbers[0]),
+        "insert": turnsql.checked_insert_statement(
+            conversation, user_message, reply, title, owner_id=lock.owner_id, client_id=client_id,
+            now=timezone.now(), running_in_redis=running_in_redis,
+            max_running=settings.MAX_CONCURRENT_CONVERSATIONS)}
+    try:
+        rows = await prompt._fetch_pipelined(statements)
+    except dbpool.PoolTimeout as exc:
+        raise _UseSyncPath() from exc
+    except dbpool.psycopg.errors.UniqueViolation as exc:
+        if "uniq_message_sequence" not in str(exc):
+            raise dbpool.django_error(exc) from exc
+        logger.warning("sequence collision in conversation %s, retrying from the database", conversation.pk)
+        raise _UseSyncPath() from exc
+    except dbpool.psycopg.Error as exc:
+        raise dbpool.django_error(exc) from exc
+    running, stuck, replay, user_id, reply_id, stored_title = rows["insert"][0]
+    if user_id is None:  # the reads after the lock said no: as the sync path answers them
+        if lock.conversation_id in running:
+            raise locks.ConversationBusy()
+        if len(set(running) | running_in_redis) > settings.MAX_CONCURRENT_CONVERSATIONS:
+            raise locks.TooManyConcurrent()
+        if stuck:  # a dead worker's reply (its lock expired): end it now, as the sync path does
+            await sync_to_async(released(services.sweep_stuck_messages))(
+                older_than_seconds=settings.CONVERSATION_LOCK_SECONDS, conversation_id=conversation.pk)
+        if replay or not stuck:
+            raise _UseSyncPath()  # services._replay answers (a twin request finished while we waited)
+        return await _insert_numbered(conversation, content, client_id, numbers)
+    reads.history = rows["history"]
+    return _stored(conversation, user_message, reply, user_id, reply_id, stored_title)
+
+
+def _stored(conversation: Conversation, user_message: Message, reply: Message, user_id: int, reply_id: int,
+            title: str) -> tuple[Message, Message]:
+    user_message.pk, reply.pk = user_id, reply_id
+    for message in (user_message, reply):
+        message._state.adding, message._state.db = False, "default"
+    reply.reply_to = user_message
+    conversation.title = title
+    conversation.message_count += 2
+    return user_message, reply
 
 
 async def _seed_sequences(conversation: Conversation, last: int) -> None:
@@ -377,13 +446,7 @@ async def _insert_numbered(conversation: Conversation, content: str, client_id: 
         except dbpool.psycopg.Error as exc:
             raise dbpool.django_error(exc) from exc
         if row is not None:
-            user_message.pk, reply.pk = row[0], row[1]
-            for message in (user_message, reply):
-                message._state.adding, message._state.db = False, "default"
-            reply.reply_to = user_message
-            conversation.title = row[2]
-            conversation.message_count += 2
-            return user_message, reply
+            return _stored(conversation, user_message, reply, row[0], row[1], row[2])
     return await sync_to_async(released(sequence.insert_with_sequence))(
         conversation.pk, 2, lambda found: services.insert_exchange(conversation, content, client_id, found),
         from_database=numbers is not None)

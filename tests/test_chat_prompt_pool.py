@@ -17,6 +17,7 @@ from aiwriter import dbpool
 from conversations import agentcache, hotpath, locks, memory, prompt, services
 from conversations.models import Conversation, GenerationLease, Message
 from tests.factories import make_agent, make_api_key, make_model, make_user
+from usage.models import ApiKey
 
 pytestmark = [pytest.mark.pg, pytest.mark.django_db(transaction=True),
               pytest.mark.usefixtures("close_thread_connections")]
@@ -203,6 +204,55 @@ async def test_with_no_free_pool_connection_both_steps_take_the_sync_path(settin
     finally:
         await hotpath.release_lock(exchange)
 
+
+
+def _turn_world(turns: int):
+    """The memory world, an agent with a fallback model, a key limited to its primary model, and a conversation
+    with `turns` exchanges of history (no message of the turn yet)."""
+    alice, agent, _ = _memory_world()
+    agent.fallback_model = make_model()
+    agent.save()
+    limited, _ = make_api_key(alice)
+    assert isinstance(limited, ApiKey)
+    limited.allowed_models.set([agent.model])
+    conversation, last = _conversation_with_history(agent, alice, turns)
+    last.delete()
+    Conversation.objects.filter(pk=conversation.pk).update(message_count=conversation.messages.count())
+    return alice, agent, limited, conversation
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("turns", [0, 5])
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("new_conversation", [False, True])
+async def test_a_websocket_turn_reads_its_prompt_while_it_begins(turns, keyed, new_conversation):
+    """turnstart.begin_turn reads the memory, the key's fallback check and the history ahead: the build then reads
+    nothing more, and gives what the ORM build gives for the stored messages."""
+    from conversations import turnstart
+
+    alice, agent, limited, conversation = await sync_to_async(_turn_world)(turns)
+    api_key = limited if keyed else None
+    frame = (dict(conversation_id=None, agent=agent.slug, project="elsewhere") if new_conversation
+             else dict(conversation_id=conversation.pk, agent=None, project="atlas"))
+    exchange = await turnstart.begin_turn(user=alice, api_key=api_key, content="What was my favourite colour?",
+                                          client_id=None, new=new_conversation, **frame)
+    try:
+        assert exchange.extra["prompt"].history is not None
+        pool = await dbpool.get_pool()
+        before = pool.get_stats().get("requests_num", 0)
+        kwargs = dict(conversation=exchange.conversation, user_message=exchange.user_message, user=alice,
+                      api_key=api_key)
+        by_pool = await prompt.build_prompt_async(**kwargs, prefetched=exchange.extra["prompt"])
+        assert pool.get_stats().get("requests_num", 0) - before == 0  # all read while the turn began
+        by_orm = await sync_to_async(prompt.build_prompt)(**kwargs)
+        assert _summary(by_pool) == _summary(by_orm)
+        assert "My favourite colour is green" in by_pool.request.messages[0]["content"]  # memory hits
+        assert (by_pool.request.fallback_model is None) is keyed  # the limited key loses the fallback
+        if turns and not new_conversation:
+            assert by_pool.request.messages[-2]["content"].startswith("assistant turn 4")
+    finally:
+        await hotpath.finish_reply(exchange, status="success", content="Green.")
+        await hotpath.release_lock(exchange)
 
 # --- the heartbeat ----------------------------------------------------------------------------------------------
 

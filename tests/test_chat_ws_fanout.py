@@ -155,3 +155,40 @@ def test_merge_joins_runs_of_one_messages_deltas_only():
         frames[6],
     ]
     assert merge_deltas([]) == []
+
+
+async def test_the_socket_does_not_wait_for_its_join_and_the_group_gets_everything_once_joined():
+    layer = SlowLayer()
+    other_tab = await layer.new_channel()
+    await layer.group_add(GROUP, other_tab)
+    joining: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    direct: list[dict] = []
+
+    async def deliver(frame: dict) -> None:
+        direct.append(frame)
+
+    sender = GroupSender(layer, GROUP, origin="asking-socket", deliver=deliver, joined=joining)
+    await _stream(sender)
+    _assert_complete_in_order(direct)  # the whole reply reached the socket while the join was still under way
+    assert layer.sends == 0
+    joining.set_result(True)
+    await sender.close(timeout=5)
+    _assert_complete_in_order(await _group_frames(layer, other_tab))
+
+
+async def test_a_failed_join_sends_nothing_to_the_group_and_everything_to_the_socket():
+    layer = SlowLayer()
+    joining: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    direct: list[dict] = []
+
+    async def deliver(frame: dict) -> None:
+        direct.append(frame)
+
+    sender = GroupSender(layer, GROUP, origin="asking-socket", deliver=deliver, joined=joining)
+    await sender.emit({"type": "status", "status": "thinking", "conversation": 7, "message": REPLY})
+    joining.set_result(False)  # the channel layer is down
+    await asyncio.sleep(0)
+    await _stream(sender)
+    await sender.close(timeout=5)
+    assert layer.sends == 0 and not sender.to_group
+    _assert_complete_in_order(direct[1:])

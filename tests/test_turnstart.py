@@ -16,7 +16,7 @@ from django.core.cache import cache
 
 from aiwriter import dbpool
 from aiwriter.errors import ApiError
-from conversations import locks, services, turnstart
+from conversations import locks, prompt, services, turnstart
 from conversations.models import Conversation, Message
 from tests.factories import make_agent, make_api_key, make_model, make_user
 
@@ -145,15 +145,21 @@ async def test_a_usual_turn_is_a_few_statements_on_the_pool():
         exchange = await turnstart.begin_turn(user=user, api_key=None, **frame)
         return pool.get_stats().get("requests_num", 0) - before, exchange
 
-    # The checked create with the agent's lookup (one transaction), the reads after the lock, the insert.
+    # The checked create with the agent's lookup (one transaction); the reads after the lock with the insert (one
+    # statement), the prompt's history pipelined with them; and the prompt's other reads (memory) alongside: the
+    # prompt's build then reads nothing.
     used, exchange = await statements(conversation_id=None, agent=agent.slug, project="", content="one",
                                       client_id="a", new=False)
     assert used == 3 and exchange.lock is not None and exchange.lock.backend == "redis"
+    before = pool.get_stats().get("requests_num", 0)
+    await prompt.build_prompt_async(conversation=exchange.conversation, user_message=exchange.user_message,
+                                    user=user, prefetched=exchange.extra["prompt"])
+    assert pool.get_stats().get("requests_num", 0) == before
     # The dedupe cache entry the sync create_conversation reads first (written on the loop, to the same key).
     key = services._dedupe_cache_key(user.pk, agent.pk, "")
     assert await sync_to_async(cache.get)(key) == exchange.conversation.pk
     await _finish(exchange)
-    # The conversation with its agent, the reads after the lock, the insert.
+    # The conversation with its agent, the reads after the lock with the insert (and the history), the memory.
     used, exchange = await statements(conversation_id=exchange.conversation.pk, agent=None, project="",
                                       content="two", client_id="b", new=False)
     assert used == 3 and [exchange.user_message.sequence, exchange.reply.sequence] == [3, 4]
@@ -222,3 +228,87 @@ async def test_the_experiment_switch_puts_the_turn_back_on_the_sync_services(set
     await turnstart.assert_owned(user=user, conversation_id=exchange.conversation.pk)
     assert pool.get_stats().get("requests_num", 0) == before
     await _finish(exchange)
+
+
+def _world_known_to_the_database(name: str):
+    """A user whose database knows of generations Redis does not (a lease row, a `processing` reply): in `busy` a
+    reply still being written (recent), in `stuck` one dead past its lease, and `other` holding a live lease."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from conversations.models import GenerationLease
+
+    user, agent = make_user(name), make_agent()
+    made = {}
+    for label in ("busy", "stuck", "free", "other"):
+        conversation = Conversation.objects.create(owner=user, agent=agent, message_count=2 if label != "free" else 0)
+        made[label] = conversation
+        if label in ("busy", "stuck"):
+            question = Message.objects.create(conversation=conversation, role="user", content="q", sequence=1,
+                                              status="processing")
+            reply = Message.objects.create(conversation=conversation, role="assistant", content="half", sequence=2,
+                                           status="processing", reply_to=question)
+            if label == "stuck":
+                Message.objects.filter(pk=reply.pk).update(
+                    updated_at=timezone.now() - timedelta(seconds=settings.CONVERSATION_LOCK_SECONDS + 60))
+    GenerationLease.objects.create(conversation=made["other"], owner=user, token="t",
+                                   expires_at=timezone.now() + timedelta(seconds=60))
+    return user, made
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+async def test_what_only_the_database_knows_refuses_or_sweeps_alike(path, settings):
+    """The reads after the lock (one statement with the insert on the pool): a conversation the database knows is
+    running is busy, the owner's running conversations count against the cap, a reply stuck past its lease is
+    ended and the turn goes on; nothing is stored for a refused turn."""
+    settings.MAX_CONCURRENT_CONVERSATIONS = 3
+    user, made = await sync_to_async(_world_known_to_the_database)(f"dbknows-{path}")
+
+    async def count() -> int:
+        return await sync_to_async(Message.objects.filter(conversation__owner=user).count)()
+
+    before = await count()
+    with pytest.raises(locks.ConversationBusy):
+        await _turn(path, user, None, conversation_id=made["busy"].pk, content="again")
+    assert await count() == before
+    # busy and other are running (database), and this turn would make three: within the cap of 3.
+    exchange = await _turn(path, user, None, conversation_id=made["stuck"].pk, content="after the crash")
+    swept = await sync_to_async(Message.objects.get)(conversation=made["stuck"], sequence=2)
+    assert swept.status == "error" and swept.content == "half"
+    assert [exchange.user_message.sequence, exchange.reply.sequence] == [3, 4]
+    assert exchange.extra.get("prompt") is None or exchange.extra["prompt"].history is None  # read again later
+    # Now busy, other and stuck are running: a fourth is over the cap, and nothing is stored for it.
+    stored = await count()
+    with pytest.raises(locks.TooManyConcurrent):
+        await _turn(path, user, None, conversation_id=made["free"].pk, content="one more")
+    assert await count() == stored
+    await _finish(exchange)
+
+
+@pytest.mark.parametrize("quota", [False, True])
+async def test_a_turn_reads_the_quota_limits_of_a_new_project_ahead_of_its_hold(quota):
+    """The hold's read of the limits of a project it has not met (usage.hotpath.begin_call) is made while the turn
+    begins, alongside the memory search, and cached as begin_call would cache it: the hold then reads nothing."""
+    from usage.billing import holds
+    from usage.models import Quota
+    from usage.selectors import quota_limits
+
+    agent = await sync_to_async(make_agent)()
+    user = await sync_to_async(make_user)(f"limits-ahead-{quota}")
+    if quota:
+        await sync_to_async(Quota.objects.create)(user=user, monthly_token_limit=1000,
+                                                  monthly_cost_limit=Decimal("7.5"))
+        await sync_to_async(Quota.objects.create)(user=user, project="atlas", monthly_token_limit=10)
+    holds.clear_limits_cache()
+    exchange = await turnstart.begin_turn(user=user, api_key=None, conversation_id=None, agent=agent.slug,
+                                          project="atlas", content="hello there", client_id=None, new=False)
+    try:
+        await exchange.extra["prompt"].side_rows()
+        expected = await sync_to_async(quota_limits)(user_id=user.pk, project="atlas")
+        assert holds.cached_limits(user.pk, "atlas") == expected and expected.any is quota
+        # A project whose limits are cached already is not read again.
+        also, _ = turnstart._limits_warmup(user.pk, "atlas")
+        assert also == {}
+    finally:
+        await _finish(exchange)
