@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
+from enum import Enum
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -32,6 +34,13 @@ from usage.models import ApiKeyCounter, Quota, QuotaAlert, UsageCounter, UsageRe
 from usage.selectors import Limits, limits_from_rows
 
 logger = logging.getLogger(__name__)
+
+
+def _plain(params: Sequence[Any]) -> list[Any]:
+    """The statement's parameters with Django's choices (Reservation.Status.HELD, LedgerEntry.Kind.CHARGE, …) as
+    their plain values. psycopg finds no dumper registered for such a class and walks its MRO for one on every
+    execution (~4.5 µs per parameter, raising a KeyError per miss): a few percent of a /v1 call's CPU."""
+    return [p.value if isinstance(p, Enum) else p for p in params]
 
 
 async def _warm_prices(*names: str | None) -> None:
@@ -62,7 +71,7 @@ async def begin_call(*, ctx: Any, request: Any, now: datetime | None = None) -> 
     context = holds.hold_context(ctx, request, started_at, period)
     sql, params = holds.hold_statement(user_id, amount, context)
     try:
-        row = await dbpool.fetchone(sql, params)
+        row = await dbpool.fetchone(sql, _plain(params))
     except dbpool.PoolTimeout:
         logger.warning("async pool exhausted: the hold of user %s takes the sync path", user_id)
         return await sync_to_async(released(holds.begin_call))(ctx=ctx, request=request, now=started_at)
@@ -105,7 +114,7 @@ async def _check_limits(*, user_id: int, project: str, period: date, limits: Lim
     try:
         async with dbpool.connection() as conn:
             started = time.perf_counter()
-            cursor = await conn.execute(sql, params)
+            cursor = await conn.execute(sql, _plain(params))
             rows = await cursor.fetchall()
             add_db_query((time.perf_counter() - started) * 1000)
     except dbpool.PoolTimeout:
@@ -160,7 +169,7 @@ async def record_call(*, meta: CallMeta, plan: CallPlan, outcome: CallOutcome) -
     stmt = recording.record_statement(meta=meta, plan=plan, outcome=outcome, cost=cost, charge=charge,
                                      now=timezone.now())
     try:
-        row = await dbpool.fetchone(stmt.sql, stmt.params)
+        row = await dbpool.fetchone(stmt.sql, _plain(stmt.params))
     except dbpool.PoolTimeout:
         logger.warning("async pool exhausted: the record of user %s takes the sync path", meta.user_id)
         return None
