@@ -44,6 +44,8 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # CONVERSATION_LOCK_SECONDS if that is shorter), so a crashed worker's reply keeps most of what arrived and a
 # live generation never outlives its lease, while a dead one frees it within CONVERSATION_LOCK_SECONDS.
 CHECKPOINT_SECONDS = 2.0
+# How long a reply's end waits for a checkpoint in flight when the heartbeat stops.
+HEARTBEAT_STOP_SECONDS = 1.0
 
 # The final frame waits at most this long for the reply's final write (a hung database never holds it back).
 FINAL_FRAME_WAIT_SECONDS = 1.0
@@ -168,7 +170,7 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
     call: pipeline.PreparedCall | None = None
     ctx: CallContext | None = None
     started = time.monotonic()
-    heartbeat = asyncio.create_task(_heartbeat(exchange, parts))
+    heartbeat = _Heartbeat(exchange, parts)
     cancelled: asyncio.CancelledError | None = None
     try:
         try:
@@ -277,19 +279,19 @@ async def run_exchange(exchange: Exchange, *, user: Any, entry_point: str, api_k
         if cancelled is not None:
             raise cancelled
     finally:
-        await _stop(heartbeat)
+        await heartbeat.stop()
         if exchange.lock is not None:  # not reached the end (a bug below us): still free the conversation
             await hotpath.release_lock(exchange)  # async Redis / the pool: no thread hop
         await _record_key_tokens(call, api_key, reply, exchange.extra.get("key_hold"))
     return reply
 
 
-async def _end(exchange: Exchange, reply: Message, heartbeat: asyncio.Task, emit: Emit, final: dict[str, Any],
+async def _end(exchange: Exchange, reply: Message, heartbeat: _Heartbeat, emit: Emit, final: dict[str, Any],
                values: dict[str, Any]) -> None:
     """The final frame and the final write. The frame never waits on the database: it goes out when the write
     is done (so a client that reads right after `done` sees the stored reply), when the write failed (it is
     then retried in the background), or after FINAL_FRAME_WAIT_SECONDS, whichever comes first."""
-    await _stop(heartbeat)
+    await heartbeat.stop()
     write = asyncio.ensure_future(_finish_or_defer(exchange, values))
     try:
         await asyncio.wait([write], timeout=FINAL_FRAME_WAIT_SECONDS)
@@ -331,30 +333,39 @@ def _heartbeat_seconds() -> float:
     return min(CHECKPOINT_SECONDS, settings.CONVERSATION_LOCK_SECONDS / 3)
 
 
-async def _heartbeat(exchange: Exchange, parts: list[str]) -> None:
+class _Heartbeat:
     """Renews the generation's lease and checkpoints its text while it runs (one statement on the async pool where
-    it can, conversations.hotpath). Its failures never end the stream."""
-    while True:
-        await asyncio.sleep(_heartbeat_seconds())
-        try:
-            await hotpath.checkpoint(exchange, "".join(parts))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a missed beat: the next one (or the lease's slack) covers it
-            logger.warning("heartbeat of reply %s failed (%s)", exchange.reply.pk, exc.__class__.__name__)
+    it can, conversations.hotpath). Its failures never end the stream.
 
+    Stopped by a flag as well as a cancel: redis-py's asyncio client can swallow a cancellation that lands inside a
+    command (redis/redis-py#2028, #2551), and a beat that went on after it used to hold the reply's end forever
+    (seen at 1,000 concurrent chats: replies stuck in `processing` with their lease still renewed).
+    """
 
-async def _stop(task: asyncio.Task) -> None:
-    if task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():  # our own cancellation, not the heartbeat's: let it go on
-            raise
-    except Exception:  # noqa: BLE001 - the heartbeat logs its own failures
-        pass
+    def __init__(self, exchange: Exchange, parts: list[str]) -> None:
+        self.stopping = False
+        self.task = asyncio.create_task(self._run(exchange, parts))
+
+    async def _run(self, exchange: Exchange, parts: list[str]) -> None:
+        while True:
+            await asyncio.sleep(_heartbeat_seconds())
+            if self.stopping:
+                return
+            try:
+                await hotpath.checkpoint(exchange, "".join(parts))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a missed beat: the next one (or the lease's slack) covers it
+                logger.warning("heartbeat of reply %s failed (%s)", exchange.reply.pk, exc.__class__.__name__)
+
+    async def stop(self) -> None:
+        """Ends the beats; waits at most HEARTBEAT_STOP_SECONDS for one in flight (a late checkpoint is harmless: it
+        only updates a reply still `processing`). A cancel of the caller goes on as usual."""
+        self.stopping = True
+        if self.task.done():
+            return
+        self.task.cancel()
+        await asyncio.wait([self.task], timeout=HEARTBEAT_STOP_SECONDS)
 
 
 async def _record_key_tokens(call: pipeline.PreparedCall | None, api_key: Any, reply: Message,
