@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from asgiref.sync import sync_to_async
 
-from agents.llm import providers, service, tokens
+from agents.llm import service, tokens
 from agents.llm.providers import OpenAICompatibleProvider
 from agents.llm.types import ChatRequest, LLMError
 from tests.factories import make_fake_model
@@ -92,30 +92,3 @@ async def test_an_upstream_error_status_on_a_whole_reply_is_the_sdks_error(fake_
     finally:
         await adapter.client.close()
     assert info.value.code == "rate_limited" and info.value.retry_after == 2
-
-
-async def test_a_whole_reply_slower_than_the_providers_timeout_still_arrives(fake_upstream):
-    """The provider's timeout bounds a stream's silence between chunks; a whole reply is silent until complete, so
-    its read gets WHOLE_REPLY_READ_SECONDS at least (connecting keeps the provider's timeout)."""
-    from tests.factories import make_provider
-
-    def setup():
-        provider = make_provider(kind="openai", base_url=fake_upstream.base_url, api_key="sk-t", timeout=0.3,
-                                 max_retries=0)
-        return make_fake_model(fake_upstream, "patient", upstream_model="slowpoke", provider=provider)
-
-    model = await sync_to_async(setup)()
-    fake_upstream.configure("slowpoke", tokens=12, chunk_delay=0.06)  # complete after ~0.6 s, chunks 0.06 s apart
-    result = await service.complete(ChatRequest(model=model.name, messages=MESSAGES))
-    assert result.usage.completion_tokens == 12 and [a.ok for a in result.attempts] == [True]
-    assert fake_upstream.requests_for("slowpoke")[-1]["body"]["stream"] is False
-
-    adapter = OpenAICompatibleProvider(base_url=fake_upstream.base_url, api_key="sk-t", timeout=0.3)
-    async for _ in adapter.complete(ChatRequest(model="x", messages=MESSAGES), "slowpoke"):
-        pass
-    wire = adapter._wire
-    assert wire is not None
-    assert wire.extensions["timeout"]["read"] == 0.3 and wire.extensions["timeout"]["connect"] == 0.3
-    assert wire.whole_extensions["timeout"]["read"] == providers.WHOLE_REPLY_READ_SECONDS
-    assert wire.whole_extensions["timeout"]["connect"] == 0.3
-    await adapter.client.close()

@@ -51,11 +51,6 @@ class DemoProvider:
                     completion_tokens=len(token_ids), source="measured")
 
 
-# The least read timeout of a non-streamed upstream request (the openai SDK's own default for a request): a long
-# reply from a slow upstream must not time out where its stream would not have; a call with a deadline
-# (request.timeout, an agent's timeout_seconds) is still bounded by it.
-WHOLE_REPLY_READ_SECONDS = 600.0
-
 # What the SDK's own stream allows for the end of the body after [DONE].
 _DRAIN_SECONDS = 0.1
 
@@ -229,10 +224,6 @@ class _Wire:
         self.headers = {**headers, **client.auth_headers}
         timeout = client.timeout if isinstance(client.timeout, httpx2.Timeout) else httpx2.Timeout(client.timeout)
         self.extensions = {"timeout": timeout.as_dict()}
-        # A whole reply sends no byte until it is complete: its read may take as long as the generation, so it gets
-        # WHOLE_REPLY_READ_SECONDS at least (a stream's read timeout bounds the silence between its chunks instead).
-        read = timeout.read if timeout.read is None else max(timeout.read, WHOLE_REPLY_READ_SECONDS)
-        self.whole_extensions = {"timeout": {**timeout.as_dict(), "read": read}}
 
     async def send(self, body: dict[str, Any], *, stream: bool = True) -> Any:
         """The response: its body still to read (stream=True), or read and closed (stream=False; a body cut midway
@@ -241,7 +232,7 @@ class _Wire:
         import openai
 
         request = httpx2.Request("POST", self.url, headers=self.headers, content=json.dumps(body).encode(),
-                                 extensions=self.extensions if stream else self.whole_extensions)
+                                 extensions=self.extensions)
         try:
             response = await self.client._client.send(request, stream=stream)
         except httpx2.TimeoutException:
