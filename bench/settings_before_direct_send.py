@@ -15,10 +15,10 @@ from agents.llm import providers
 from aiwriter.settings import *  # noqa: F403
 
 
-async def _sdk_post(self: Any, body: dict[str, Any], *, stream: bool = True) -> Any:
+async def _sdk_post(self: Any, body: dict[str, Any]) -> Any:
     import httpx2
 
-    return await self.client.post("/chat/completions", cast_to=httpx2.Response, body=body, stream=stream)
+    return await self.client.post("/chat/completions", cast_to=httpx2.Response, body=body, stream=True)
 
 
 providers._Wire.send = _sdk_post  # type: ignore[method-assign]

@@ -18,18 +18,17 @@ Usage counts real o200k tokens with OpenAI's per-message framing (3 per message 
 Knobs, per upstream model name (`configure(model, **knobs)` or the control endpoint); a request
 may also override them with a `"fake": {...}` object in its body (openai SDK: `extra_body`):
     latency        seconds before the first token (stream) or before the response (non-stream)
-    chunk_delay    seconds between chunks (non-stream: the reply comes when its last chunk would)
+    chunk_delay    seconds between chunks
     tokens         number of completion tokens (None = the echo text as is)
     reply          fixed reply text instead of the echo
     status         HTTP status to return instead of 200 (500, 429, 400, ...), JSON error body
     fail_times     the failure knobs (status, hang, cut_after, malformed) apply to the first N requests
                    of this model only, then it answers normally (None = always)
     retry_after    Retry-After header value (seconds) sent with an error status
-    cut_after      stream: send N content chunks, then drop the connection (no finish, no [DONE]);
-                   non-stream: drop the connection halfway through the body
+    cut_after      stream: send N content chunks, then drop the connection (no finish, no [DONE])
     hang           accept the request and never answer (until the client gives up)
     omit_usage     never report usage (stream or not)
-    malformed      stream: send a broken `data:` line after the first chunk; non-stream: a body that is not JSON
+    malformed      stream: send a broken `data:` line after the first chunk
     cached_tokens  report usage.prompt_tokens_details.cached_tokens = N
     finish_reason  report this finish_reason ("content_filter", …) instead of "stop"/"length"
 Function calling: a request with `tools` (and `tool_choice` not "none") is answered with one tool call instead
@@ -277,29 +276,9 @@ class FakeOpenAI:
             }
             if not knobs.omit_usage:
                 payload["usage"] = self._usage(prompt, len(ids), knobs)
-            return await self._whole(request, knobs, model, payload, chunks=len(token_pieces(ids)))
+            self.served[model] += 1
+            return web.json_response(payload)
         return await self._stream(request, body, knobs, model, cid, created, ids, finish, prompt)
-
-    async def _whole(self, request: web.Request, knobs: Knobs, model: str, payload: dict[str, Any], *,
-                     chunks: int) -> web.StreamResponse:
-        """A non-streamed reply, sent when the stream's last chunk would be (`chunk_delay` between its `chunks`);
-        `cut_after` drops the connection halfway through its body, `malformed` sends a body that is not JSON (the
-        stream faults, as a whole reply meets them)."""
-        if knobs.chunk_delay and chunks > 1:
-            await asyncio.sleep(knobs.chunk_delay * (chunks - 1))
-        body = json.dumps(payload).encode()
-        if knobs.malformed:
-            return web.Response(body=b'{"id": "broken", "choices": [', content_type="application/json")
-        if knobs.cut_after is not None:
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
-            response.content_length = len(body)
-            await response.prepare(request)
-            await response.write(body[: len(body) // 2])
-            if request.transport is not None:
-                request.transport.abort()  # drop the connection mid-body
-            return response
-        self.served[model] += 1
-        return web.json_response(payload)
 
     async def _stream(self, request: web.Request, body: dict[str, Any], knobs: Knobs, model: str, cid: str,
                       created: int, ids: list[int], finish: str, prompt: int) -> web.StreamResponse:
@@ -352,7 +331,8 @@ class FakeOpenAI:
             }
             if not knobs.omit_usage:
                 payload["usage"] = usage
-            return await self._whole(request, knobs, model, payload, chunks=len(token_pieces(ids)))
+            self.served[model] += 1
+            return web.json_response(payload)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
 

@@ -122,12 +122,14 @@ class OpenAICompatibleProvider:
         self._wire: _Wire | None = None
 
     @staticmethod
-    def body(request: ChatRequest, upstream_model: str, *, stream: bool = True) -> dict[str, Any]:
-        """The JSON body: the request's fields that are set, then its extra fields over them (as `extra_body`).
-        stream=False: a whole reply, without `stream_options` (which OpenAI refuses on a non-streamed request)."""
-        body: dict[str, Any] = {"model": upstream_model, "messages": request.messages, "stream": stream}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
+    def body(request: ChatRequest, upstream_model: str) -> dict[str, Any]:
+        """The JSON body: the request's fields that are set, then its extra fields over them (as `extra_body`)."""
+        body: dict[str, Any] = {
+            "model": upstream_model,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         for name in ("temperature", "top_p", "max_tokens", "stop", "response_format", "user", "tools", "tool_choice",
                      "parallel_tool_calls"):
             value = getattr(request, name)
@@ -179,36 +181,6 @@ class OpenAICompatibleProvider:
             yield usage
 
 
-    async def complete(self, request: ChatRequest, upstream_model: str) -> AsyncGenerator[TextDelta | Usage, None]:
-        """The whole reply in one non-streamed upstream request, as `stream` would give it: one TextDelta with the
-        text, function calls and finish_reason (none when the reply has none of them), then Usage if reported.
-
-        For callers that want the whole reply anyway (service `whole=True`: /v1 without `stream`, the writer, debug
-        runs): one JSON body instead of an SSE stream read event by event (docs/BENCHMARKS.md). A reply cut midway
-        is a failed attempt with no text (retried like any other); a stream cut midway kept its text as partial.
-        """
-        if self._wire is None:
-            self._wire = _Wire(self.client)
-        try:
-            response = await self._wire.send(self.body(request, upstream_model, stream=False), stream=False)
-        except Exception as exc:  # noqa: BLE001 - mapped to LLMError or re-raised
-            raise map_error(exc, self.api_key) from None
-        try:
-            reply = sse.decode(response.content)
-            if reply.get("error"):
-                raise _stream_error(reply["error"], response)
-            try:
-                delta, usage = _message(reply), _usage(reply)
-            except (AttributeError, TypeError, KeyError) as exc:  # a field of an unexpected type
-                raise ValueError(f"unexpected reply: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - mapped to LLMError or re-raised
-            raise map_error(exc, self.api_key) from None
-        if delta is not None:
-            yield delta
-        if usage is not None:
-            yield usage
-
-
 class _Wire:
     """The SDK's `post` for our one call, minus its per-call work: the URL, headers and timeout are the SDK client's
     own (its default and auth headers), computed once; the errors are those `post` raises (status errors through
@@ -225,26 +197,23 @@ class _Wire:
         timeout = client.timeout if isinstance(client.timeout, httpx2.Timeout) else httpx2.Timeout(client.timeout)
         self.extensions = {"timeout": timeout.as_dict()}
 
-    async def send(self, body: dict[str, Any], *, stream: bool = True) -> Any:
-        """The response: its body still to read (stream=True), or read and closed (stream=False; a body cut midway
-        raises APIConnectionError, as a failed connection does)."""
+    async def send(self, body: dict[str, Any]) -> Any:
         import httpx2
         import openai
 
         request = httpx2.Request("POST", self.url, headers=self.headers, content=json.dumps(body).encode(),
                                  extensions=self.extensions)
         try:
-            response = await self.client._client.send(request, stream=stream)
+            response = await self.client._client.send(request, stream=True)
         except httpx2.TimeoutException:
             raise openai.APITimeoutError(request=request) from None
         except Exception as exc:
             raise openai.APIConnectionError(request=request) from exc
         if response.status_code >= 400:
-            if stream:
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
             raise self.client._make_status_error_from_response(response)
         return response
 
@@ -262,22 +231,6 @@ def _delta(chunk: dict[str, Any]) -> TextDelta | None:
     pieces = [_without_none(call) for call in calls] if calls else None
     finish_reason = choice.get("finish_reason")
     if not (text or pieces or finish_reason):  # the finish_reason rides on its own piece
-        return None
-    return TextDelta(text or "", finish_reason=finish_reason, tool_calls=pieces)
-
-
-def _message(reply: dict[str, Any]) -> TextDelta | None:
-    """A whole reply's first choice as one TextDelta (its function calls whole, with their index), like `_delta`."""
-    choices = reply.get("choices")
-    if not choices:
-        return None
-    choice = choices[0]
-    message = choice.get("message") or {}
-    text = message.get("content")
-    calls = message.get("tool_calls")
-    pieces = [{"index": n, **_without_none(call)} for n, call in enumerate(calls)] if calls else None
-    finish_reason = choice.get("finish_reason")
-    if not (text or pieces or finish_reason):
         return None
     return TextDelta(text or "", finish_reason=finish_reason, tool_calls=pieces)
 

@@ -9,7 +9,6 @@ rate limits allow) → retries with backoff on retryable errors, preferring anot
 timeout (request.timeout: to the first token for streams, in total for whole replies) or when the
 model keeps failing, the request.fallback_model. Failures raise LLMError; once text has reached the
 caller nothing is retried and the error's `.partial` holds that text with usage (source="partial").
-A whole reply (complete, whole=True) is asked of an adapter that can as one non-streamed request (`complete`).
 Each concern lives in its own module: registry, balancer, breaker, health, ratelimit, retry, cache,
 metrics, clients.
 """
@@ -301,9 +300,7 @@ async def _attempt(call: _Call, request: ChatRequest, route: ModelRoute, deploym
     finish_reason: str | None = None
     verdict = False
     balancer.acquire(deployment.id)
-    # A whole reply is asked for whole when the adapter can (one JSON body instead of an SSE stream); else streamed.
-    whole_reply = getattr(adapter, "complete", None) if call.whole else None
-    upstream = (whole_reply or adapter.stream)(request, deployment.upstream_model)
+    upstream = adapter.stream(request, deployment.upstream_model)
     try:
         try:
             while True:
