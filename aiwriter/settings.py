@@ -273,6 +273,8 @@ CUTOFF_BILLING_POLICY = env_str("CUTOFF_BILLING_POLICY", "delivered")
 CUTOFF_DRAIN_MAX_SECONDS = env_float("CUTOFF_DRAIN_MAX_SECONDS", 10.0)
 
 MAX_CONCURRENT_CONVERSATIONS = env_int("MAX_CONCURRENT_CONVERSATIONS", 3)
+# Websocket turns of one process that begin at once; the rest wait in order (conversations/admission.py). 0: no limit.
+WS_TURN_STARTS_AT_ONCE = env_int("WS_TURN_STARTS_AT_ONCE", 32)
 CONVERSATION_DEDUPE_SECONDS = env_int("CONVERSATION_DEDUPE_SECONDS", 300)
 # A generation's lease: its lock, concurrency slot and hold live this long without a heartbeat (the generation
 # renews it every 2 s), so a dead generation frees them within seconds. The sweeper runs in every server process.

@@ -20,7 +20,7 @@ from django.conf import settings
 from aiwriter import parsers as json_body
 from aiwriter.errors import ApiError, message_from_detail
 from aiwriter.ws_auth import credential_is_live_async
-from conversations import services, turnstart
+from conversations import admission, services, turnstart
 from conversations.fanout import GroupSender
 from conversations.generation import error_frame, run_exchange
 from conversations.serializers import MessageFrameInput
@@ -186,9 +186,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Its final frame is out and its final write under way: a message sent right after `done` waits for
             # that write (milliseconds) instead of meeting the old reply's lock.
             await asyncio.wait([previous], timeout=PREVIOUS_WRITE_WAIT_SECONDS)
-        exchange = await turnstart.begin_turn(user=self.user, api_key=self.api_key, conversation_id=conversation_id,
-                                              agent=agent, project=project, content=content, client_id=client_id,
-                                              new=new)
+        async with admission.turn_start():
+            exchange = await turnstart.begin_turn(
+                user=self.user, api_key=self.api_key, conversation_id=conversation_id, agent=agent, project=project,
+                content=content, client_id=client_id, new=new)
         group = group_name(exchange.conversation.pk)
         # The exchange is begun (message stored, lock held): it runs even if the channel layer is unreachable,
         # streaming to this socket alone, so nothing is left half-done. The socket joins the group meanwhile (its
