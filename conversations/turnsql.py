@@ -191,17 +191,25 @@ def after_lock_statement(*, owner_id: int, conversation_id: int, client_id: str 
     return sql, params
 
 
-def insert_statement(conversation: Conversation, user_message: Message, reply: Message,
-                     title: str) -> tuple[str, list[Any]]:
-    """services.insert_exchange: both messages (the reply answering the user message) and the conversation's
-    counters, atomic as one statement. Row: user message id, reply id, the conversation's title."""
+def _exchange_rows(user_message: Message, reply: Message,
+                   user_message_id: str) -> tuple[list[str], list[Any], list[str], list[Any]]:
+    """Both messages' columns and values for one INSERT each; the reply's `reply_to` is `user_message_id` (SQL for
+    the user message's new id) instead of a parameter. Returns names, user values, reply slots, reply values."""
     names, user_values = insert_values(user_message)
     reply_names, reply_values = insert_values(reply)
     assert reply_names == names
     reply_to = names.index(q(Message._meta.get_field("reply_to").column))
     reply_slots = ["%s"] * len(names)
-    reply_slots[reply_to] = "(SELECT id FROM um)"
+    reply_slots[reply_to] = user_message_id
     del reply_values[reply_to]
+    return names, user_values, reply_slots, reply_values
+
+
+def insert_statement(conversation: Conversation, user_message: Message, reply: Message,
+                     title: str) -> tuple[str, list[Any]]:
+    """services.insert_exchange: both messages (the reply answering the user message) and the conversation's
+    counters, atomic as one statement. Row: user message id, reply id, the conversation's title."""
+    names, user_values, reply_slots, reply_values = _exchange_rows(user_message, reply, "(SELECT id FROM um)")
     messages, now = table(Message), user_values[names.index(q("updated_at"))]
     sql = (f"WITH um AS (INSERT INTO {messages} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))}) "
            f"RETURNING id), "
@@ -223,13 +231,7 @@ def checked_insert_statement(conversation: Conversation, user_message: Message, 
     (NULLs when nothing was written)."""
     check, check_params = after_lock_statement(owner_id=owner_id, conversation_id=conversation.pk,
                                                client_id=client_id, now=now)
-    names, user_values = insert_values(user_message)
-    reply_names, reply_values = insert_values(reply)
-    assert reply_names == names
-    reply_to = names.index(q(Message._meta.get_field("reply_to").column))
-    reply_slots = ["%s"] * len(names)
-    reply_slots[reply_to] = "um.id"
-    del reply_values[reply_to]
+    names, user_values, reply_slots, reply_values = _exchange_rows(user_message, reply, "um.id")
     messages, touched = table(Message), user_values[names.index(q("updated_at"))]
     columns_list = ", ".join(names)
     sql = (f"WITH chk(running, stuck, replay) AS ({check}), "
