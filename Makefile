@@ -31,7 +31,7 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	DEBUG=$${DEBUG:-1} $(PY) manage.py migrate --noinput
 	DEBUG=$${DEBUG:-1} PORT=$(PORT) $(PY) manage.py seed_demo
-	DEBUG=$${DEBUG:-1} $(VENV)/bin/daphne -b $(HOST) -p $(PORT) aiwriter.asgi:application
+	DEBUG=$${DEBUG:-1} $(PY) -m aiwriter.serve -b $(HOST) -p $(PORT) aiwriter.asgi:application
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -148,7 +148,7 @@ def start_daphne(daphne_args: tuple[str, ...] = (), **env: str) -> DaphneProcess
     }
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), *daphne_args, "aiwriter.asgi:application"],
+        [sys.executable, "-m", "aiwriter.serve", "--fd", str(sock.fileno()), *daphne_args, "aiwriter.asgi:application"],
         cwd=str(settings.BASE_DIR), env=full_env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT)
     sock.close()
     base_url = f"http://127.0.0.1:{port}"

@@ -107,7 +107,7 @@ def run_daphne(extra_env: dict[str, str], log_to: Path | None = None) -> Iterato
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # the server runs as in production
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), "aiwriter.asgi:application"],
+        [sys.executable, "-m", "aiwriter.serve", "--fd", str(sock.fileno()), "aiwriter.asgi:application"],
         cwd=str(settings.BASE_DIR), env=env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT,
     )
     sock.close()

@@ -82,7 +82,7 @@ def test_first_command_twice_then_admin_and_demo_chat(tmp_path):
     assert "No migrations to apply" in _manage(env, "migrate", "--noinput")  # the second run is a no-op
     assert _seed_output(_manage(env, "seed_demo")) == first  # same admin login and demo key
 
-    server = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "aiwriter.serve", "-b", "127.0.0.1", "-p", str(port),
                                "aiwriter.asgi:application"], cwd=settings.BASE_DIR, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
