@@ -195,8 +195,8 @@ def start_server(ctx: Context, settings_module: str | None = None) -> None:
     port = free_port()
     n = len(ctx.servers)
     env = {**ctx.env, "DJANGO_SETTINGS_MODULE": settings_module} if settings_module else ctx.env
-    proc = Proc(f"daphne{n}", [PY, "-m", "aiwriter.serve", "-b", "127.0.0.1", "-p", str(port), "aiwriter.asgi:application"],
-                env, ctx.log_dir, cpus=SERVER_CPUS)
+    args = [PY, "-m", "aiwriter.serve", "-b", "127.0.0.1", "-p", str(port), "aiwriter.asgi:application"]
+    proc = Proc(f"daphne{n}", args, env, ctx.log_dir, cpus=SERVER_CPUS)
     ctx.procs.append(proc)
     try:
         wait_for_port(port, 60, proc.popen)

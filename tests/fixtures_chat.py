@@ -91,7 +91,8 @@ def run_daphne(extra_env: dict[str, str] | None = None, daphne_args: list[str] |
     }
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "aiwriter.serve", "--fd", str(sock.fileno()), *(daphne_args or []), "aiwriter.asgi:application"],
+        [sys.executable, "-m", "aiwriter.serve", "--fd", str(sock.fileno()), *(daphne_args or []),
+         "aiwriter.asgi:application"],
         cwd=str(settings.BASE_DIR), env=env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT,
     )
     sock.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from daphne import http_protocol  # type: ignore[import-untyped]
+from daphne import http_protocol
 
 from aiwriter import daphne_tuning
 
