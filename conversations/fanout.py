@@ -1,10 +1,11 @@
 """A generation's frames on their way out: to the socket that asked, directly, and to the conversation's group.
 
-- **The asking socket** gets every frame, in order, never through the channel layer. A send goes out at
-  once, from the generation's own task, while the socket keeps up (daphne's sends never wait: they fill
-  Twisted's buffer). Once a send has waited on its transport (backpressure), the socket gets a writer task
-  of its own: the generation stops waiting on it, and the deltas that pile up behind a send leave as one
-  frame, the pieces joined, instead of a queue of one frame per chunk.
+- **The asking socket** gets every frame, in order, never through the channel layer, from a writer task of its
+  own: the generation only queues. The writer takes what was queued since it last ran, so the chunks the
+  generation handled in one go (one read from the upstream: several when the server is busy) leave as one frame,
+  the pieces joined, while a chunk that comes alone leaves alone, at once. A slow socket (backpressure) gets what
+  piled up behind its send the same way, instead of a queue of one frame per chunk. Fewer frames is less CPU per
+  chat where it counts: under load (docs/BENCHMARKS.md).
 - **The group** (other tabs, other processes; best effort, pub/sub is at-most-once) gets deltas coalesced
   into windows of GROUP_WINDOW_SECONDS from its own task: one PUBLISH per window instead of one per chunk,
   which also spares every subscribed process a receive and a dispatch per chunk. Other frames follow the
@@ -28,8 +29,6 @@ Deliver = Callable[[Frame], Awaitable[None]]
 # Long enough to gather several chunks of a stream (models send one every 10-50 ms), short enough that
 # another tab does not notice the lag.
 GROUP_WINDOW_SECONDS = 0.03
-# A send that took longer than this waited on its transport: the socket's later frames go through a writer.
-BACKED_UP_SECONDS = 0.005
 _END = None  # queued last: the path has nothing more to send
 
 
@@ -97,20 +96,13 @@ class GroupSender:
         self.window = window
         self._direct = _Outbox()
         self._grouped = _Outbox()
-        self._direct_task: asyncio.Task | None = None  # started once the socket is backed up
+        self._direct_task = asyncio.create_task(self._run_direct())
         self._group_task = asyncio.create_task(self._run_group()) if to_group else None
 
     async def emit(self, frame: Frame) -> None:
         if self.to_group:
             self._grouped.put(frame)
-        if self._direct_task is not None:
-            self._direct.put(frame)
-            return
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await self._deliver(frame)
-        if loop.time() - started > BACKED_UP_SECONDS:
-            self._direct_task = asyncio.create_task(self._run_direct())
+        self._direct.put(frame)
 
     async def close(self, timeout: float = 30.0) -> None:
         self._direct.put(_END)

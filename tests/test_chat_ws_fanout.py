@@ -111,6 +111,29 @@ async def test_a_fast_socket_gets_each_chunk_as_it_comes_and_the_group_gets_wind
     assert 1 < len(group_deltas) < 30
 
 
+async def test_chunks_handled_in_one_go_leave_as_one_frame_and_a_lone_chunk_leaves_at_once():
+    """Several chunks from one upstream read (a busy server) are one frame; a chunk that comes alone is not held."""
+    direct: list[dict] = []
+
+    async def deliver(frame: dict) -> None:
+        direct.append(frame)
+
+    sender = GroupSender(InMemoryChannelLayer(), GROUP, origin="asking-socket", deliver=deliver, to_group=False)
+    for word in WORDS[:5]:  # one read's chunks: the generation handles them without a pause
+        await sender.emit({"type": "delta", "message": REPLY, "content": word})
+    await asyncio.sleep(0.005)
+    assert direct == [{"type": "delta", "message": REPLY, "content": "".join(WORDS[:5])}]
+
+    await sender.emit({"type": "delta", "message": REPLY, "content": WORDS[5]})
+    await asyncio.sleep(0)  # the writer's turn comes at once: nothing waits for more text
+    await asyncio.sleep(0)
+    assert direct[1:] == [{"type": "delta", "message": REPLY, "content": WORDS[5]}]
+
+    await sender.emit({"type": "done", "message": REPLY, "status": "success"})
+    await sender.close(timeout=5)
+    assert direct[-1]["type"] == "done" and len(direct) == 3
+
+
 async def test_without_a_group_the_socket_still_gets_every_frame():
     direct: list[dict] = []
 
@@ -169,6 +192,7 @@ async def test_the_socket_does_not_wait_for_its_join_and_the_group_gets_everythi
 
     sender = GroupSender(layer, GROUP, origin="asking-socket", deliver=deliver, joined=joining)
     await _stream(sender)
+    await asyncio.sleep(0.01)  # the socket's writer's turn
     _assert_complete_in_order(direct)  # the whole reply reached the socket while the join was still under way
     assert layer.sends == 0
     joining.set_result(True)

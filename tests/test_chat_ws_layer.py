@@ -51,8 +51,8 @@ async def test_a_slow_layer_gets_merged_deltas_in_order_and_the_asking_socket_ev
     words = [f"w{n} " for n in range(60)]
     for word in words:  # the model streams faster than the layer sends
         await sender.emit({"type": "delta", "message": 9, "content": word})
-        assert direct[-1]["content"] == word  # the asking socket never waits on the layer
         await asyncio.sleep(0.001)
+        assert direct[-1]["content"] == word  # the asking socket never waits on the layer
     await sender.emit({"type": "done", "message": 9, "status": "success"})
     await sender.close(timeout=10)
     assert [f["content"] for f in direct if f["type"] == "delta"] == words and direct[-1]["type"] == "done"
