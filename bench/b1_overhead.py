@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from bench.harness import BenchResult, cpu_seconds, percentile
 from bench.setup import Context
 
@@ -76,7 +78,26 @@ def run(ctx: Context) -> BenchResult:
     if floor["completed"]:
         result.add("floor: GET /healthz c=32 throughput", floor["rps"], "req/s",
                    note=f"server CPU {(cpu_seconds(pid) - before) / floor['completed'] * 1000:.2f} ms per request")
+    _commit_floor(result)
     result.details["closed_loop"] = {side: {"completed": c["completed"], "rps": c["rps"],
                                             "p50_ms": percentile(c["bucket"]["lat"], 50),
                                             "errors": c["bucket"]["error_samples"]} for side, c in closed.items()}
     return result
+
+
+def _commit_floor(result: BenchResult, n: int = 300) -> None:
+    """What one durable PostgreSQL commit costs on this machine (its WAL flush), from the bench process: a /v1
+    call makes two (the hold, then the record with its charge), so twice this is in its added latency."""
+    from django.db import connection
+
+    lat: list[float] = []
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS bench_commit_floor (id int PRIMARY KEY, n bigint NOT NULL)")
+        cursor.execute("INSERT INTO bench_commit_floor VALUES (1, 0) ON CONFLICT DO NOTHING")
+        for _ in range(n):
+            started = time.perf_counter()
+            cursor.execute("UPDATE bench_commit_floor SET n = n + 1 WHERE id = 1")  # autocommit: one commit each
+            lat.append((time.perf_counter() - started) * 1000)
+        cursor.execute("DROP TABLE bench_commit_floor")
+    result.add("floor: one PostgreSQL commit (one-row UPDATE) p50", percentile(lat, 50), "ms",
+               note=f"p99 {percentile(lat, 99):.2f} ms; a /v1 call commits twice (hold; record + charge)")
